@@ -1,0 +1,15 @@
+"""gradguard: keep the training of deep networks healthy.
+
+Watches every layer's gradients at almost no cost and says, in plain words, when they explode, vanish (through
+depth or through time), turn non-finite, or when units die or saturate.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .detect.history import Thresholds  # noqa: E402
+from .guard import Guard, GuardInternalWarning  # noqa: E402
+from .types import KINDS, Action, Diagnosis  # noqa: E402
+
+__all__ = ["KINDS", "Action", "Diagnosis", "Guard", "GuardInternalWarning", "Thresholds", "__version__"]

@@ -1,0 +1,140 @@
+"""``exploding``: gradients that spike, grow without bound, or move the weights far too much per step."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+
+from ..types import Diagnosis
+from .history import History, Thresholds, update_ratios
+from .reporter import Verdict
+
+REMEDIES = [
+    "lower the learning rate (try 3-10x smaller) or add/lengthen learning-rate warm-up",
+    "clip the gradient norm (Guard(clip=1.0), or an adaptive clip: Guard(clip='zclip'))",
+    "let gradguard back off the learning rate and skip bad steps while training runs (Guard(repair='auto'))",
+    "check the initialisation scale of the layers named: gain too high for their activation",
+]
+
+
+def _grown_layers(h: History, row: int) -> tuple[list[str], float]:
+    """Layers ranked by how much their gradient norm grew against their own early baseline."""
+    assert h.grad is not None
+    base = h.baseline_grad
+    g = np.where(h.grad[row] < 0, np.nan, h.grad[row])
+    if base is None:
+        order = np.argsort(-np.nan_to_num(g, nan=-1.0, posinf=np.inf))
+        return [h.layers[i] for i in order[:5]], float("nan")
+    with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        growth = g / np.maximum(base, 1e-30)
+    score = np.nan_to_num(growth, nan=-1.0, posinf=1e300)
+    order = np.argsort(-score)
+    return [h.layers[i] for i in order[:5] if score[i] > 1.0], float(np.nanmax(score))
+
+
+def detect_exploding_step(h: History, row: int, t: Thresholds) -> Verdict | None:
+    """Per-step rules: a z-score spike of the total norm, or growth far above its early baseline.
+
+    Args:
+        h: the history; row: the step's row; t: thresholds.
+
+    Returns:
+        A verdict or None.
+
+    References:
+        Kumar et al., "ZClip: Adaptive Spike Mitigation for LLM Pre-Training", 2025 (z-score of the gradient norm
+        against its EMA mean and variance). Pascanu et al., "On the difficulty of training recurrent neural
+        networks", ICML 2013 (exploding gradients).
+    """
+    total = float(h.total[row])
+    if not np.isfinite(total):
+        return None  # the nonfinite detector speaks for this step
+    step = int(h.steps[row])
+    base = h.baseline_total
+    loss = float(h.loss[row]) if h.loss_seen[row] else None
+    base_loss = h.baseline_loss
+    growth = total / base if base else 0.0
+    loss_up = loss is not None and base_loss is not None and (not np.isfinite(loss) or loss > t.loss_rise * base_loss)
+    no_loss = base_loss is None
+    if base and (growth > t.growth_factor and (loss_up or (no_loss and growth > 2 * t.growth_factor))):
+        layers, layer_growth = _grown_layers(h, row)
+        loss_txt = f" while the loss rose to {loss:.4g} from {base_loss:.4g}" if loss_up and loss is not None else ""
+        msg = (f"Gradients are exploding: the total gradient norm is {total:.4g}, {growth:.0f}x its early level "
+               f"{base:.4g}{loss_txt}. Each step now moves the weights further than the last; left alone this "
+               "ends in inf/NaN.")
+        ev = {"total_grad_norm": total, "baseline_grad_norm": base, "growth": growth,
+              "max_layer_growth": layer_growth}
+        if loss is not None:
+            ev["loss"] = loss
+        if base_loss is not None:
+            ev["baseline_loss"] = base_loss
+        return Verdict(("exploding", "growth"), ("growth",), Diagnosis("exploding", "error", step, layers, msg, ev,
+                                                                       list(REMEDIES)))
+    zscore = float(h.z[row])
+    mean = float(h.mean[row])
+    if h.finite_count[row] > t.warmup and zscore > t.spike_z and mean > 0 and total > t.spike_ratio * mean:
+        layers, layer_growth = _grown_layers(h, row)
+        msg = (f"Gradient spike: the total gradient norm jumped to {total:.4g}, {total / mean:.1f}x its running "
+               f"mean {mean:.4g} (z-score {zscore:.1f}). One such step can undo many steps of progress.")
+        ev = {"total_grad_norm": total, "running_mean": mean, "zscore": zscore, "max_layer_growth": layer_growth}
+        return Verdict(("exploding", "spike"), ("spike",), Diagnosis("exploding", "warning", step, layers, msg, ev,
+                                                                     list(REMEDIES)))
+    return None
+
+
+def detect_exploding_window(h: History, t: Thresholds) -> Verdict | None:
+    """Window rules: update-to-weight ratios far above ~1e-3, or gradients growing toward the input.
+
+    References:
+        Karpathy, "A Recipe for Training Neural Networks", 2019, and the CS231n notes (update/weight ~ 1e-3).
+    """
+    r = update_ratios(h, 2)
+    if r is not None and np.all(np.nanmedian(r, axis=1) > t.update_ratio_high):
+        med = np.nanmedian(r, axis=1)
+        latest = r[-1]
+        order = np.argsort(-np.nan_to_num(latest, nan=-1.0))
+        layers = [h.layers[i] for i in order[:5] if np.isfinite(latest[i]) and latest[i] > t.update_ratio_high]
+        step = int(h.sample_steps[-1])
+        msg = (f"Updates are far too large: each step changes the weights by {float(med[-1]):.3g} of their norm "
+               f"(median over layers; healthy training sits near 1e-3). The learning rate is too high for "
+               "these layers; the loss will oscillate or diverge.")
+        ev = {"median_update_ratio": float(med[-1]), "max_update_ratio": float(np.nanmax(latest))}
+        return Verdict(("exploding", "update"), ("update",),
+                       Diagnosis("exploding", "warning", step, layers, msg, ev, list(REMEDIES)))
+    end = len(h.steps)
+    if end >= t.window:
+        early, late, ratio, step = _flow(h, t.window)
+        prog = h.progress(end, t.window)
+        if ratio is not None and ratio > t.backward_growth and (prog is None or prog < t.progress):
+            msg = (f"Gradients grow on their way back to the input: the earliest layers receive {ratio:.3g}x the "
+                   f"gradient of the last layers (RMS per element, median over {t.window} steps). Early layers take "
+                   "huge, unstable steps while later layers barely move.")
+            ev = {"early_late_ratio": ratio}
+            return Verdict(("exploding", "backward"), ("backward",),
+                           Diagnosis("exploding", "warning", step, early, msg, ev, list(REMEDIES)))
+    return None
+
+
+def _flow(h: History, window: int) -> tuple[list[str], list[str], float | None, int]:
+    """Early vs late layers' RMS gradient over the window (median per layer), lookup layers left out.
+
+    Returns:
+        (early layer names, late layer names, median early RMS / median late RMS, last step).
+    """
+    rows = slice(len(h.steps) - window, len(h.steps))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        rms = np.nanmedian(h.rms_grad(rows), axis=0)
+    usable = [i for i in range(len(h.layers)) if not h.embedding[i] and np.isfinite(rms[i]) and rms[i] >= 0]
+    step = int(h.steps[-1])
+    if len(usable) < 2:
+        return [], [], None, step
+    q = max(1, len(usable) // 4)
+    early_i, late_i = usable[:q], usable[-q:]
+    late = float(np.median(rms[late_i]))
+    early = float(np.median(rms[early_i]))
+    if late <= 0:
+        return [], [], None, step
+    return [h.layers[i] for i in early_i], [h.layers[i] for i in late_i], early / late, step

@@ -1,0 +1,84 @@
+"""``dead_units`` and ``saturation``, from activation samples taken every ``sample_every`` steps."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..types import Diagnosis
+from .history import History, Thresholds
+from .reporter import Verdict
+
+DEAD_REMEDIES = [
+    "lower the learning rate: one large step can push a ReLU's pre-activations below zero for every input",
+    "use LeakyReLU/GELU/ELU, which keep a gradient for negative inputs",
+    "re-initialise the layer before it (Kaiming, zero or small positive bias) or add BatchNorm before the ReLU",
+]
+SAT_REMEDIES = [
+    "scale the initial weights down (Xavier/Glorot for sigmoid/tanh: gradguard.reinit(model, 'xavier'))",
+    "normalise the inputs of the layer (standardise features, BatchNorm/LayerNorm before the activation)",
+    "use a non-saturating activation (ReLU family) in hidden layers",
+]
+
+
+def detect_units(h: History, t: Thresholds) -> list[Verdict]:
+    """One verdict per activation module whose condition held in the last ``persist_samples`` samples.
+
+    The activation that produces the model's output (last in call order) is not judged for saturation: a
+    confident sigmoid output is the goal of training there, not a fault.
+
+    References:
+        Lu et al., "Dying ReLU and Initialization: Theory and Numerical Examples", 2019. Glorot & Bengio, AISTATS
+        2010 (sigmoid saturation in deep networks).
+    """
+    by: dict[tuple[str, str], list[tuple[int, np.ndarray | float]]] = {}
+    for s, name, what, value in h.acts:
+        by.setdefault((name, what), []).append((s, value))
+    last_act = h.activation_order[-1] if h.activation_order else None
+    out: list[Verdict] = []
+    n = t.persist_samples
+    for (name, what), recs in by.items():
+        recent = recs[-n:]
+        if len(recent) < n:
+            continue
+        step = recent[-1][0]
+        prev = _preceding_layer(h, name)
+        layers = [name] + ([prev] if prev else [])
+        if what == "active":
+            masks = [np.asarray(v) for _, v in recent]
+            if len({m.shape for m in masks}) != 1:
+                continue
+            # Dead = not active for any sample of any of the last n sampled batches.
+            frac = float(1.0 - np.max(np.stack(masks), axis=0).mean())
+            if frac < t.dead_fraction:
+                continue
+            sev = "error" if frac >= 0.9 else "warning"
+            msg = (f"{100 * frac:.0f}% of the units after '{name}' never activate (output <= 0 for every sample of "
+                   f"the last {n} sampled batches). Dead units pass no gradient, so their incoming weights never "
+                   "update again; the layer has lost that much capacity.")
+            out.append(Verdict(("dead_units", name), (sev,), Diagnosis(
+                "dead_units", sev, step, layers, msg, {"dead_fraction": frac, "units": float(masks[0].size),
+                                                       "samples": float(n)}, list(DEAD_REMEDIES))))
+        elif what == "saturated" and name != last_act:
+            vals = np.array([float(v) for _, v in recent])
+            if vals.min() < t.saturated_fraction:
+                continue
+            frac = float(vals[-1])
+            msg = (f"{100 * frac:.0f}% of the outputs of '{name}' sit on the flat part of the curve, where its slope "
+                   f"is under 1% of its peak (last {n} sampled batches). Gradients through it are squashed toward "
+                   "zero, so the layers before it learn very slowly.")
+            out.append(Verdict(("saturation", name), ("warning",), Diagnosis(
+                "saturation", "warning", step, layers, msg, {"saturated_fraction": frac, "samples": float(n)},
+                list(SAT_REMEDIES))))
+    return out
+
+
+def _preceding_layer(h: History, activation: str) -> str | None:
+    """The parameterised layer just before ``activation`` in its parent (e.g. 'net.2' for 'net.3'), if any."""
+    parent, _, leaf = activation.rpartition(".")
+    if not leaf.isdigit():
+        return None
+    for i in range(int(leaf) - 1, -1, -1):
+        cand = f"{parent}.{i}" if parent else str(i)
+        if cand in h.layers:
+            return cand
+    return None

@@ -1,0 +1,540 @@
+"""Guard: wires hooks -> stats -> detectors -> reporter -> sinks around a user's model and optimizer.
+
+Per optimizer step (the hot path) the Guard only launches device work: fused gradient norms folded per layer,
+running moments, one small row appended to a list. Nothing is read back to the host there. Every ``log_every``
+steps the pending rows (and any activation samples) are concatenated and copied to the host in one transfer,
+and the detectors run on the host over exact per-step numbers, so each diagnosis names the step it happened at.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+import traceback
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from . import __version__
+from .detect.exploding import detect_exploding_step, detect_exploding_window
+from .detect.history import History, Thresholds
+from .detect.nonfinite import detect_nonfinite
+from .detect.reporter import Reporter, Verdict
+from .detect.units import detect_units
+from .detect.vanishing import detect_vanishing
+from .report.sinks import ConsoleSink, JsonlSink, Sink
+from .stats.activations import ActivationSampler
+from .stats.layers import LayerMap, build_layer_map, is_compiled, unwrap
+from .stats.norms import LayerNorms, total_norm
+from .stats.running import RunningMoments
+from .stats.sentinel import Origin, locate
+from .types import Action, Diagnosis
+
+# Columns of a step row; the per-layer gradient norms follow.
+TOTAL, Z, MEAN, STD, LOSS, LOSS_MEAN, LOSS_STD = range(7)
+HEAD = 7
+
+
+class GuardInternalWarning(RuntimeWarning):
+    """gradguard failed internally; it switched monitoring off and left training untouched."""
+
+
+class Guard:
+    """Watch every layer's gradients during training and diagnose exploding, vanishing and non-finite gradients,
+    dead and saturated units.
+
+    Attach it and keep the loop unchanged::
+
+        guard = gradguard.Guard(model, optimizer)
+        for x, y in data:
+            loss = loss_fn(model(x), y)
+            guard.observe_loss(loss)          # optional: lets detectors tell learning from stalling
+            optimizer.zero_grad(); loss.backward(); optimizer.step()
+        print(guard.diagnoses)
+        guard.close()
+
+    Args:
+        model: the model being trained (DataParallel/DDP/torch.compile wrappers are looked through; layer names
+            are those of the inner module).
+        optimizer: the optimizer training it, or None to call ``check()`` by hand after ``backward()``.
+        repair: must be False in this version (repairs in place arrive with the repair module).
+        log_every: steps between host reads of the statistics (one copy each); detectors run then.
+        sample_every: steps between the costlier samples (weight norms and update ratios, activation and
+            time-step gradient statistics).
+        log_dir: if given, write ``meta.json``, ``stats.jsonl`` and ``events.jsonl`` there (schema in
+            ``gradguard.report.sinks``).
+        console: print each diagnosis once, as it is found.
+        nonfinite_check: "auto" checks for NaN/Inf at every step when the statistics live on the CPU (a host
+            value there costs nothing) and every ``log_every`` steps on an accelerator; "step" checks every step
+            everywhere (one small host sync per step on an accelerator, as GradScaler does); "deferred" never
+            reads per step. A per-step check replays a non-finite step's forward before the optimizer applies it,
+            to name the module where the NaN/Inf was born.
+        thresholds: detector thresholds (``gradguard.Thresholds``).
+        ema_beta: decay of the running mean/variance of the total gradient norm and of the loss.
+
+    Raises:
+        ValueError: no trainable parameter, parameters in the optimizer that the model does not own, bad options.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
+        repair: bool | str = False,
+        log_every: int = 10,
+        sample_every: int = 25,
+        log_dir: str | Path | None = None,
+        console: bool = True,
+        nonfinite_check: str = "auto",
+        thresholds: Thresholds | None = None,
+        ema_beta: float = 0.97,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"Guard needs a torch.nn.Module, got {type(model).__name__}")
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
+        if repair not in (False, None):
+            raise ValueError("repair in place is not available in this version of gradguard; use repair=False")
+        if log_every < 1 or sample_every < 1:
+            raise ValueError(f"log_every and sample_every must be >= 1, got {log_every} and {sample_every}")
+        if nonfinite_check not in ("auto", "step", "deferred"):
+            raise ValueError(f"nonfinite_check must be 'auto', 'step' or 'deferred', got {nonfinite_check!r}")
+
+        self.model = model
+        self.optimizer = optimizer
+        self.inner = unwrap(model)
+        self.layers: LayerMap = build_layer_map(model, optimizer)
+        self.device = self.layers.params[0].device
+        self.log_every = log_every
+        self.sample_every = sample_every
+        self.thresholds = thresholds or Thresholds()
+        self.immediate = nonfinite_check == "step" or (nonfinite_check == "auto" and self.device.type == "cpu")
+        self.compiled = is_compiled(model)
+
+        self.step = 0  # optimizer steps taken since attach (or restored by load_state_dict)
+        self._grad_moments = RunningMoments(ema_beta, self.device)
+        self._loss_moments = RunningMoments(ema_beta, self.device)
+        self._loss_sum: torch.Tensor | None = None
+        self._loss_n = 0
+        self._norms: LayerNorms | None = None
+        self._rows: list[torch.Tensor] = []
+        self._row_steps: list[int] = []
+        self._row_loss_seen: list[bool] = []
+        self._samples: list[tuple[int, torch.Tensor, torch.Tensor | None]] = []
+        self._snapshot: tuple[int, torch.Tensor, list[torch.Tensor]] | None = None
+        self._acts: list[tuple[int, str, str, torch.Tensor]] = []
+        self._times: list[tuple[int, str, torch.Tensor, torch.Tensor, int]] = []
+        self._origins: dict[int, Origin | None] = {}
+        self._last_inputs: tuple[tuple[Any, ...], dict[str, Any]] | None = None
+        self._history: History | None = None
+        self._reporter = Reporter(self.thresholds.cooldown)
+        self._diagnoses: list[Diagnosis] = []
+        self._actions: list[Action] = []
+        self._handles: list[RemovableHandle] = []
+        self._order_handles: list[RemovableHandle] = []
+        self._order: list[str] = []
+        self._closed = False
+        self._failed = False
+        self._loaded_history: dict[str, Any] | None = None
+
+        self._sinks: list[Sink] = []
+        self._stats_sink: JsonlSink | None = None
+        if console:
+            self._sinks.append(ConsoleSink())
+        self.log_dir = Path(log_dir) if log_dir is not None else None
+        if self.log_dir is not None:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            self._sinks.append(JsonlSink(self.log_dir / "events.jsonl"))
+            self._stats_sink = JsonlSink(self.log_dir / "stats.jsonl")
+            self._write_meta()
+
+        named = list(self.inner.named_modules())
+        self._sampler = ActivationSampler(named) if not self.compiled else ActivationSampler([])
+        self._embedding = np.array([isinstance(m, (nn.Embedding, nn.EmbeddingBag)) for m in self.layers.modules])
+
+        if optimizer is not None:
+            self._handles.append(optimizer.register_step_pre_hook(self._pre_step_hook))
+            self._handles.append(optimizer.register_step_post_hook(self._post_step_hook))
+        self._handles.append(model.register_forward_pre_hook(self._forward_pre_hook, with_kwargs=True))
+        if not self.compiled:
+            # One-shot: learn the forward order of the layers from the first forward, then remove these hooks.
+            wanted = {id(m): n for n, m in zip(self.layers.names, self.layers.modules)}
+            for n, m in named:
+                if id(m) in wanted:
+                    self._order_handles.append(m.register_forward_pre_hook(self._order_hook(n)))
+            self._sampler.arm()  # step 0 is a sample step
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def diagnoses(self) -> list[Diagnosis]:
+        """Every diagnosis so far, in the order found. Reads pending statistics first (a host sync, on demand)."""
+        self._drain_safely()
+        return list(self._diagnoses)
+
+    @property
+    def actions(self) -> list[Action]:
+        """What repair did (always empty with ``repair=False``)."""
+        return list(self._actions)
+
+    def observe_loss(self, loss: torch.Tensor | float) -> None:
+        """Record this step's loss for the detectors; never synchronises. A no-op after ``close()``.
+
+        Args:
+            loss: the scalar loss tensor (or a Python number). Several calls before one optimizer step
+                (gradient accumulation) are averaged.
+
+        Raises:
+            TypeError: ``loss`` is not a tensor or a number. ValueError: it has more than one element.
+        """
+        if self._closed or self._failed:
+            return
+        if isinstance(loss, (int, float)) and not isinstance(loss, bool):
+            value = torch.tensor(float(loss), dtype=torch.float32, device=self.device)
+        elif isinstance(loss, torch.Tensor):
+            if loss.numel() != 1:
+                raise ValueError(f"observe_loss expects a scalar loss, got a tensor of shape {tuple(loss.shape)}; "
+                                 "reduce it first (loss.mean())")
+            value = loss.detach().reshape(()).to(device=self.device, dtype=torch.float32)
+        else:
+            raise TypeError(f"observe_loss expects the loss tensor (or a number), got {type(loss).__name__}")
+        self._loss_sum = value if self._loss_sum is None else self._loss_sum + value
+        self._loss_n += 1
+
+    def check(self) -> list[Diagnosis]:
+        """Run the gradient checks now, on the gradients ``backward()`` left in the parameters.
+
+        For ``Guard(model, None)``: each call counts as one step. With an optimizer attached, steps are counted
+        by the optimizer and this only reads pending statistics.
+
+        Returns:
+            The diagnoses found by this call.
+
+        Raises:
+            RuntimeError: the Guard is closed.
+        """
+        if self._closed:
+            raise RuntimeError("this Guard is closed; create a new gradguard.Guard to keep checking")
+        before = len(self._diagnoses)
+        if self.optimizer is None and not self._failed:
+            try:
+                self._record_step()
+                self.step += 1
+            except Exception as e:  # never crash the user's training step
+                self._internal_failure(e)
+        self._drain_safely()
+        return self._diagnoses[before:]
+
+    def close(self) -> None:
+        """Read pending statistics, remove every hook, flush and close the sinks. Safe to call twice."""
+        if self._closed:
+            return
+        try:
+            self._drain_safely()
+        finally:
+            self._closed = True
+            self._remove_hooks()
+            for s in self._sinks:
+                s.close()
+            if self._stats_sink is not None:
+                self._stats_sink.close()
+
+    def __enter__(self) -> Guard:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume: step count, running statistics, detector baselines, reported conditions."""
+        self._drain_safely()
+        h = self._history
+        return {
+            "version": 1,
+            "step": self.step,
+            "layers": list(self.layers.names),
+            "grad_moments": self._grad_moments.state_dict(),
+            "loss_moments": self._loss_moments.state_dict(),
+            "reporter": self._reporter.state_dict(),
+            "baselines": {
+                "first_totals": list(h.first_totals) if h else [],
+                "first_losses": list(h.first_losses) if h else [],
+                "first_grads": [g.tolist() for g in h.first_grads] if h else [],
+            },
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state_dict()`` of an earlier Guard on the same model.
+
+        Raises:
+            ValueError: the state was saved for other layers.
+        """
+        if set(state["layers"]) != set(self.layers.names):
+            raise ValueError("this state was saved for a model with other layers; load it into a Guard on the same "
+                             "model architecture")
+        self.step = int(state["step"])
+        self._grad_moments.load_state_dict(state["grad_moments"])
+        self._loss_moments.load_state_dict(state["loss_moments"])
+        self._reporter.load_state_dict(state["reporter"])
+        self._loaded_history = {"order": list(state["layers"]), **state["baselines"]}
+
+    # ------------------------------------------------------------------ hooks (hot path)
+
+    def _pre_step_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self._closed or self._failed:
+            return
+        try:
+            self._record_step()
+        except Exception as e:  # never crash the user's training step
+            self._internal_failure(e)
+
+    def _post_step_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self._closed or self._failed:
+            return
+        try:
+            if self._snapshot is not None:
+                step, wnorm, before = self._snapshot
+                self._snapshot = None
+                now = [p.detach() for p in self.layers.params]
+                diff = torch._foreach_sub(now, before)
+                self._samples.append((step, wnorm, self._layer_norms(diff)))
+            self.step += 1
+            if self.step % self.sample_every == 0 and not self.compiled:
+                self._sampler.arm()  # the next forward is a sampled one
+            if len(self._rows) >= self.log_every:
+                self._drain()
+        except Exception as e:
+            self._internal_failure(e)
+
+    def _forward_pre_hook(self, module: nn.Module, args: Any, kwargs: Any) -> None:
+        if self.immediate and torch.is_grad_enabled():
+            self._last_inputs = (args, kwargs)  # references only, kept for a replay if this step turns non-finite
+
+    def _order_hook(self, name: str) -> Callable[[nn.Module, Any], None]:
+        def hook(module: nn.Module, args: Any) -> None:
+            if name not in self._order:
+                self._order.append(name)
+        return hook
+
+    def _record_step(self) -> None:
+        """Measure this step's gradients on the device and queue the row. No host read unless ``immediate``."""
+        if self._order_handles:
+            for h in self._order_handles:
+                h.remove()
+            self._order_handles.clear()
+            self.layers.reorder(self._order)
+            self._embedding = np.array([isinstance(m, (nn.Embedding, nn.EmbeddingBag))
+                                        for m in self.layers.modules])
+            self._norms = None
+        params = self.layers.params
+        gnorm = self._layer_norms([p.grad for p in params])
+        total = total_norm(gnorm)
+        z = self._grad_moments.zscore(total)
+        mean_before = self._grad_moments.mean
+        self._grad_moments.update(total)
+        seen = self._loss_n > 0
+        if self._loss_sum is not None and seen:
+            loss = self._loss_sum / self._loss_n
+            self._loss_moments.update(loss)
+        else:
+            loss = torch.zeros((), dtype=torch.float32, device=self.device)
+        self._loss_sum, self._loss_n = None, 0
+        head = torch.stack([total, z, mean_before, self._grad_moments.var.sqrt(), loss, self._loss_moments.mean,
+                            self._loss_moments.var.sqrt()])
+        self._rows.append(torch.cat([head, gnorm]))
+        self._row_steps.append(self.step)
+        self._row_loss_seen.append(seen)
+
+        if self._sampler.armed:
+            self._sampler.disarm()
+            acts, times, order = self._sampler.take()
+            self._acts += [(self.step, n, w, v) for n, w, v in acts]
+            self._times += [(self.step, n, e, late, t) for n, e, late, t in times]
+            if order:
+                self._activation_order = order
+        if self.step % self.sample_every == 0:
+            detached = [p.detach() for p in params]
+            wnorm = self._layer_norms(detached)
+            if self.optimizer is not None:
+                # Transient copy of the weights on sample steps only, for ||w_after - w_before|| in the post hook.
+                self._snapshot = (self.step, wnorm, torch._foreach_mul(detached, 1.0))
+            else:
+                self._samples.append((self.step, wnorm, None))
+
+        if self.immediate:
+            # Host read of one flag. With the statistics on the CPU this is a plain memory read; on an accelerator
+            # it happens only with nonfinite_check="step" (the documented one small sync per step).
+            ok = torch.isfinite(total) & torch.isfinite(loss)
+            if not bool(ok):
+                self._origins[self.step] = self._replay()
+                self._drain()  # report now, before the optimizer applies this step
+
+    def _layer_norms(self, tensors: list[torch.Tensor | None] | list[torch.Tensor]) -> torch.Tensor:
+        if self._norms is None:
+            self._norms = LayerNorms(self.layers, self.device)
+        return self._norms(tensors)
+
+    def _replay(self) -> Origin | None:
+        if self._last_inputs is None:
+            return None
+        args, kwargs = self._last_inputs
+        was = {m: m.training for m in self.inner.modules()}
+        try:
+            return locate(self.inner, args, kwargs)
+        finally:
+            for m, flag in was.items():
+                m.training = flag
+
+    # ------------------------------------------------------------------ host side
+
+    def _drain_safely(self) -> None:
+        if self._failed or not self._rows:
+            return
+        try:
+            self._drain()
+        except Exception as e:
+            self._internal_failure(e)
+
+    def _drain(self) -> None:
+        """Copy pending statistics to the host in one transfer, run the detectors, report."""
+        if not self._rows:
+            return
+        n_rows, width = len(self._rows), len(self._rows[0])
+        L = self.layers.num_layers
+        pieces = [torch.stack(self._rows).reshape(-1)]
+        for _, w, u in self._samples:
+            pieces += [w, u if u is not None else torch.full_like(w, -1.0)]
+        pieces += [v.reshape(-1).to(self.device, torch.float32) for _, _, _, v in self._acts]
+        pieces += [torch.stack([e, late]).to(self.device, torch.float32) for _, _, e, late, _ in self._times]
+        # The one host read per log_every steps (a sync on an accelerator, by design off the per-step path).
+        flat = torch.cat(pieces).cpu().numpy().astype(np.float64)
+
+        rows = flat[: n_rows * width].reshape(n_rows, width)
+        off = n_rows * width
+        h = self._ensure_history()
+        first_new = len(h.steps)
+        h.append(np.array(self._row_steps, dtype=np.int64), rows[:, TOTAL], rows[:, Z], rows[:, MEAN],
+                 rows[:, LOSS], np.array(self._row_loss_seen), rows[:, HEAD:])
+        first_new = len(h.steps) - n_rows
+        for step, _, _ in self._samples:
+            h.sample_steps.append(step)
+            h.weight.append(flat[off: off + L])
+            h.update.append(flat[off + L: off + 2 * L])
+            off += 2 * L
+        for step, name, what, v in self._acts:
+            k = v.numel()  # shape is host metadata: no sync
+            h.acts.append((step, name, what, flat[off: off + k].copy() if what == "active" else float(flat[off])))
+            off += k
+        for step, name, _, _, t in self._times:
+            h.times.append((step, name, float(flat[off]), float(flat[off + 1]), t))
+            off += 2
+        if getattr(self, "_activation_order", None):
+            h.activation_order = self._activation_order
+        self._rows, self._row_steps, self._row_loss_seen = [], [], []
+        self._samples, self._acts, self._times = [], [], []
+
+        verdicts: list[Verdict] = []
+        t = self.thresholds
+        for r in range(first_new, len(h.steps)):
+            step = int(h.steps[r])
+            v = detect_nonfinite(h, r, self._origins.pop(step, None))
+            if v is not None:
+                verdicts.append(v)
+            v = detect_exploding_step(h, r, t)
+            if v is not None:
+                verdicts.append(v)
+        for v in (detect_exploding_window(h, t), detect_vanishing(h, t), *detect_units(h, t)):
+            if v is not None:
+                verdicts.append(v)
+        verdicts.sort(key=lambda v: v.diagnosis.step)
+        for v in verdicts:
+            d = self._reporter.offer(v)
+            if d is not None:
+                self._diagnoses.append(d)
+                for s in self._sinks:
+                    s.write(d.to_dict())
+        if self._stats_sink is not None:
+            self._stats_sink.write(self._stats_record(h, rows))
+
+    def _ensure_history(self) -> History:
+        if self._history is None:
+            self._history = History(list(self.layers.names), np.array(self.layers.numel, dtype=np.float64),
+                                    self._embedding)
+            if self._loaded_history is not None:
+                lh = self._loaded_history
+                self._history.first_totals = list(lh["first_totals"])
+                self._history.first_losses = list(lh["first_losses"])
+                pos = {n: i for i, n in enumerate(lh["order"])}
+                perm = [pos[n] for n in self.layers.names]
+                self._history.first_grads = [np.asarray(g)[perm] for g in lh["first_grads"]]
+        return self._history
+
+    def _stats_record(self, h: History, rows: np.ndarray) -> dict[str, Any]:
+        last = rows[-1]
+        names = h.layers
+
+        def per_layer(values: np.ndarray) -> dict[str, float | None]:
+            return {n: (None if v < 0 else float(v)) for n, v in zip(names, values)}
+
+        rec: dict[str, Any] = {
+            "step": int(h.steps[-1]),
+            "loss": float(last[LOSS]) if h.loss_seen[-1] else None,
+            "total_grad_norm": float(last[TOTAL]),
+            "total_grad_norm_max": float(np.max(rows[:, TOTAL])),
+            "grad_norm_mean": float(last[MEAN]),
+            "grad_norm_std": float(last[STD]),
+            "loss_mean": float(last[LOSS_MEAN]),
+            "loss_std": float(last[LOSS_STD]),
+            "grad_norm": per_layer(last[HEAD:]),
+        }
+        if h.sample_steps:
+            w, u = h.weight[-1], h.update[-1]
+            rec["sample_step"] = int(h.sample_steps[-1])
+            rec["weight_norm"] = per_layer(w)
+            rec["update_ratio"] = {n: (float(uu / ww) if ww > 0 and uu >= 0 else None)
+                                   for n, ww, uu in zip(names, w, u)}
+        return rec
+
+    def _write_meta(self) -> None:
+        assert self.log_dir is not None
+        meta = {
+            "schema": 1,
+            "gradguard": __version__,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "model": type(self.inner).__name__,
+            "optimizer": type(self.optimizer).__name__ if self.optimizer is not None else None,
+            "layers": [{"name": n, "numel": k} for n, k in zip(self.layers.names, self.layers.numel)],
+            "options": {"log_every": self.log_every, "sample_every": self.sample_every,
+                        "immediate_nonfinite_check": self.immediate, "thresholds": vars(self.thresholds)},
+        }
+        (self.log_dir / "meta.json").write_text(json.dumps(meta, indent=2))
+
+    def _remove_hooks(self) -> None:
+        for h in self._handles + self._order_handles:
+            h.remove()
+        self._handles.clear()
+        self._order_handles.clear()
+        self._sampler.disarm()
+        self._snapshot = None
+        self._last_inputs = None
+
+    def _internal_failure(self, exc: BaseException) -> None:
+        """Report once, switch monitoring off, leave training untouched."""
+        if self._failed:
+            return
+        self._failed = True
+        self._remove_hooks()
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__, limit=-3))
+        warnings.warn(f"gradguard switched itself off after an internal error; training is unaffected. "
+                      f"Please report this:\n{tb}", GuardInternalWarning, stacklevel=2)
+

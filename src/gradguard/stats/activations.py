@@ -1,0 +1,128 @@
+"""Activation and time-step statistics, gathered by hooks armed on a sampling schedule (never every step).
+
+- ReLU-family modules: which units were active (> 0) for at least one sample of the batch.
+- Sigmoid/Tanh modules: fraction of outputs in the flat region, where the derivative is under 1% of its peak.
+- Recurrent modules (RNN/LSTM/GRU): how much gradient reaches the first and the last time steps of the input.
+
+Each hook leaves small device tensors in a list; the Guard copies them to the host with the step statistics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+RELU_FAMILY = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.CELU, nn.SELU, nn.GELU, nn.SiLU,
+               nn.Hardswish, nn.Mish)
+# Activation -> the |output| (or output distance to the asymptote) past which the derivative is < 1% of its peak:
+# sigmoid' = s(1-s) < 0.0025 when s < 0.0025 or s > 0.9975; tanh' = 1 - t^2 < 0.01 when |t| > 0.995.
+SATURATING = (nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Softsign)
+
+
+def _units(x: torch.Tensor) -> torch.Tensor:
+    """(samples, units): features on the last axis for (B, F) and (B, T, F); channels on axis 1 for conv maps."""
+    if x.dim() <= 1:
+        return x.reshape(1, -1)
+    if x.dim() >= 4:  # (B, C, H, W[, D]) feature maps
+        return x.transpose(0, 1).reshape(x.shape[1], -1).t()
+    return x.reshape(-1, x.shape[-1])
+
+
+def active_units(out: torch.Tensor) -> torch.Tensor:
+    """Per unit, 1.0 if its output was > 0 for at least one sample of the batch (a dead ReLU outputs exactly 0)."""
+    return (_units(out.detach()) > 0).any(dim=0).to(torch.float32)
+
+
+def saturated_fraction(module: nn.Module, out: torch.Tensor) -> torch.Tensor:
+    """Fraction of outputs of a squashing activation sitting where its derivative is < 1% of the maximum."""
+    o = out.detach().to(torch.float32)
+    if isinstance(module, nn.Sigmoid):
+        flat = (o < 0.0025) | (o > 0.9975)
+    elif isinstance(module, nn.Hardtanh):
+        flat = (o <= module.min_val) | (o >= module.max_val)
+    else:  # Tanh, Softsign: saturate at +-1
+        flat = o.abs() > 0.995
+    return flat.to(torch.float32).mean()
+
+
+class ActivationSampler:
+    """Registers the sampling hooks for one forward pass, then removes them.
+
+    Args:
+        named: (qualified name, module) pairs of the model.
+    """
+
+    def __init__(self, named: list[tuple[str, nn.Module]]) -> None:
+        self.act_modules = [(n, m) for n, m in named if isinstance(m, RELU_FAMILY + SATURATING)]
+        self.rnn_modules = [(n, m) for n, m in named if isinstance(m, nn.RNNBase)]
+        self.handles: list[RemovableHandle] = []
+        #: filled while armed: (module name, "active"|"saturated", device tensor: per-unit mask | fraction)
+        self.act_records: list[tuple[str, str, torch.Tensor]] = []
+        #: filled during backward: (module name, early-steps grad norm, late-steps grad norm, T)
+        self.time_records: list[tuple[str, torch.Tensor, torch.Tensor, int]] = []
+        self.call_order: list[str] = []
+
+    @property
+    def armed(self) -> bool:
+        return bool(self.handles)
+
+    def arm(self) -> None:
+        if self.handles:
+            return
+        for name, m in self.act_modules:
+            self.handles.append(m.register_forward_hook(self._act_hook(name)))
+        for name, m in self.rnn_modules:
+            self.handles.append(m.register_forward_pre_hook(self._rnn_hook(name, m)))
+
+    def disarm(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+    def take(self) -> tuple[list[tuple[str, str, torch.Tensor]], list[tuple[str, torch.Tensor, torch.Tensor, int]],
+                            list[str]]:
+        out = (self.act_records, self.time_records, self.call_order)
+        self.act_records, self.time_records, self.call_order = [], [], []
+        return out
+
+    def _act_hook(self, name: str) -> Callable[[nn.Module, Any, Any], None]:
+        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            if not (module.training and torch.is_grad_enabled()) or not isinstance(output, torch.Tensor):
+                return  # only training forwards describe what the optimizer sees
+            self.call_order.append(name)
+            if isinstance(module, SATURATING):
+                self.act_records.append((name, "saturated", saturated_fraction(module, output)))
+            else:
+                self.act_records.append((name, "active", active_units(output)))
+        return hook
+
+    def _rnn_hook(self, name: str, module: nn.RNNBase) -> Callable[[nn.Module, Any], Any]:
+        time_dim = 1 if module.batch_first else 0
+
+        def record(grad: torch.Tensor) -> None:
+            g = grad.detach().to(torch.float32)
+            dims = [d for d in range(g.dim()) if d != time_dim]
+            per_t = g.square().sum(dim=dims).sqrt() if dims else g.abs()
+            steps = per_t.shape[0]
+            k = max(1, steps // 10)
+            self.time_records.append((name, per_t[:k].mean(), per_t[-k:].mean(), steps))
+
+        def pre_hook(mod: nn.Module, args: Any) -> Any:
+            if not (mod.training and torch.is_grad_enabled()) or not args or not isinstance(args[0], torch.Tensor):
+                return None  # PackedSequence and eval forwards are not sampled
+            x = args[0]
+            if x.dim() < 2:
+                return None
+            if x.requires_grad:
+                x.register_hook(record)  # gradient reaching each time step of the input; the graph is unchanged
+                return None
+            # A leaf input (raw data): an alias that requires grad lets us see dL/dx_t. Nothing upstream exists to
+            # be affected; this sampled step computes one extra input-gradient product.
+            leaf = x.detach().requires_grad_(True)
+            leaf.register_hook(record)
+            return (leaf, *args[1:])
+        return pre_hook

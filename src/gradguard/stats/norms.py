@@ -1,0 +1,78 @@
+"""Per-layer L2 norms of a list of tensors in one fused pass per (device, dtype), folded on the device.
+
+Nothing here reads a value back to the host: every function returns device tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .layers import LayerMap
+
+#: Value written for a layer that had no gradient at a step (frozen this step, unused branch). Norms are >= 0,
+#: and NaN/Inf are taken, so -1 cannot be confused with a measurement.
+ABSENT = -1.0
+
+
+class LayerNorms:
+    """Fold per-tensor norms into per-layer norms: ``layer_norm[l] = sqrt(sum_{p in l} ||p||^2)``.
+
+    The index tensors depend only on which tracked parameters are present (have a gradient), a host-side fact, so
+    they are built once per distinct pattern and cached; a steady loop builds them once.
+    """
+
+    def __init__(self, layers: LayerMap, device: torch.device) -> None:
+        self.layers = layers
+        self.device = device
+        self.groups = layers.groups()
+        self._cache: dict[tuple[int, ...], tuple[list[tuple[list[int], torch.Tensor]], torch.Tensor | None]] = {}
+
+    def _plan(self, present: tuple[int, ...]) -> tuple[list[tuple[list[int], torch.Tensor]], torch.Tensor | None]:
+        plan = self._cache.get(present)
+        if plan is None:
+            keep = set(present)
+            per_group = []
+            for g in self.groups:
+                pos = [i for i in g.positions if i in keep]
+                if pos:
+                    idx = torch.tensor([self.layers.layer_of[i] for i in pos], device=self.device)
+                    per_group.append((pos, idx))
+            seen = {self.layers.layer_of[i] for i in present}
+            absent = [li not in seen for li in range(self.layers.num_layers)]
+            mask = torch.tensor(absent, device=self.device) if any(absent) else None
+            plan = (per_group, mask)
+            if len(self._cache) > 64:  # a loop that changes its pattern every step must not grow memory
+                self._cache.clear()
+            self._cache[present] = plan
+        return plan
+
+    def __call__(self, tensors: Sequence[torch.Tensor | None]) -> torch.Tensor:
+        """Per-layer L2 norms (fp32, on ``self.device``) of ``tensors``, aligned with ``layers.params``.
+
+        Args:
+            tensors: one tensor (or None when absent) per tracked parameter, e.g. the gradients.
+
+        Returns:
+            A float32 vector of length ``num_layers``; ``ABSENT`` for layers where every tensor is None.
+        """
+        present = tuple(i for i, t in enumerate(tensors) if t is not None)
+        per_group, absent_mask = self._plan(present)
+        sq = torch.zeros(self.layers.num_layers, dtype=torch.float32, device=self.device)
+        for pos, idx in per_group:
+            group = [tensors[i] for i in pos]
+            # One fused kernel per (device, dtype); fp32 accumulation so bf16/fp16 gradients neither overflow
+            # nor lose the small ones.
+            norms = torch._foreach_norm(group, 2, dtype=torch.float32)  # type: ignore[arg-type]
+            stacked = torch.stack(norms).to(self.device, non_blocking=True)
+            sq.index_add_(0, idx, stacked * stacked)
+        out = sq.sqrt()
+        if absent_mask is not None:
+            out = torch.where(absent_mask, torch.full_like(out, ABSENT), out)
+        return out
+
+
+def total_norm(layer_norms: torch.Tensor) -> torch.Tensor:
+    """Global L2 norm from per-layer norms (absent layers count as zero), as ``clip_grad_norm_`` computes it."""
+    return layer_norms.clamp_min(0.0).square().sum().sqrt()

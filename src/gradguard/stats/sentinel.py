@@ -1,0 +1,96 @@
+"""Find the module where a non-finite value first appears in a forward pass.
+
+Used only after a non-finite step was seen: the last forward's inputs are replayed under ``torch.no_grad`` with
+hooks on every module that check outputs, inputs and own parameters for NaN/Inf. These checks read values back
+to the host (a sync) on purpose: they run once, off the per-step path, to answer "where did this come from".
+Buffers (BatchNorm running statistics) and the RNG are restored afterwards, so the replay changes nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def _tensors(obj: Any) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, (list, tuple)):
+        return [t for o in obj for t in _tensors(o)]
+    if isinstance(obj, dict):
+        return [t for o in obj.values() for t in _tensors(o)]
+    return []
+
+
+def _any_nonfinite(obj: Any) -> bool:
+    # Host read on purpose (see module docstring): runs only in a replay after a non-finite step.
+    return any(t.is_floating_point() and not bool(torch.isfinite(t.detach()).all()) for t in _tensors(obj))
+
+
+@dataclass
+class Origin:
+    """Where a non-finite value was first produced in the replayed forward.
+
+    Attributes:
+        module: qualified name of the module ("" for the model input).
+        reason: "input" (the batch itself), "parameters" (the module's weights are already non-finite),
+            "output" (the module turned finite inputs into a non-finite output), or "between" (code in this
+            module's forward, outside any submodule, produced it).
+    """
+
+    module: str
+    reason: str
+
+
+def locate(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Origin | None:
+    """Replay ``model(*args, **kwargs)`` and return where the first non-finite value appears, or None if none does.
+
+    Args:
+        model: the unwrapped model.
+        args, kwargs: the inputs of the forward to replay.
+
+    Returns:
+        The Origin, or None when the replay stays finite (the problem arose in backward, or by chance).
+    """
+    if _any_nonfinite((args, kwargs)):
+        return Origin("", "input")
+    names = {id(m): n for n, m in model.named_modules()}
+    stack: list[str] = []
+    found: list[Origin] = []
+
+    def pre(module: nn.Module, inp: Any) -> None:
+        stack.append(names.get(id(module), "?"))
+
+    def post(module: nn.Module, inp: Any, out: Any) -> None:
+        name = stack.pop() if stack else names.get(id(module), "?")
+        if found or not _any_nonfinite(out):
+            return
+        if _any_nonfinite(list(module.parameters(recurse=False))):
+            found.append(Origin(name, "parameters"))
+        elif not _any_nonfinite(inp):
+            found.append(Origin(name, "output"))
+        else:  # inputs already bad: produced by the enclosing module's own code between submodule calls
+            found.append(Origin(stack[-1] if stack else "", "between"))
+
+    buffers = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()
+               if not isinstance(v, nn.Parameter)}
+    handles = []
+    for m in model.modules():
+        handles.append(m.register_forward_pre_hook(pre))
+        handles.append(m.register_forward_hook(post))
+    devices = sorted({p.device.index for p in model.parameters() if p.device.type == "cuda" and p.device.index
+                      is not None})
+    try:
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            model(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+        with torch.no_grad():
+            sd = model.state_dict(keep_vars=True)
+            for k, v in buffers.items():
+                sd[k].copy_(v)
+    return found[0] if found else None
