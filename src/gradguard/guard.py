@@ -15,7 +15,7 @@ import traceback
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 import torch
@@ -70,7 +70,7 @@ class Guard:
             time-step gradient statistics).
         log_dir: if given, write ``meta.json``, ``stats.jsonl`` and ``events.jsonl`` there (schema in
             ``gradguard.report.sinks``).
-        console: print each diagnosis once, as it is found.
+        console: print each diagnosis once, as it is found (on stderr; pass a text stream to print there).
         nonfinite_check: "auto" checks for NaN/Inf at every step when the statistics live on the CPU (a host
             value there costs nothing) and every ``log_every`` steps on an accelerator; "step" checks every step
             everywhere (one small host sync per step on an accelerator, as GradScaler does); "deferred" never
@@ -92,7 +92,7 @@ class Guard:
         log_every: int = 10,
         sample_every: int = 25,
         log_dir: str | Path | None = None,
-        console: bool = True,
+        console: bool | TextIO = True,
         nonfinite_check: str = "auto",
         thresholds: Thresholds | None = None,
         ema_beta: float = 0.97,
@@ -148,7 +148,7 @@ class Guard:
         self._sinks: list[Sink] = []
         self._stats_sink: JsonlSink | None = None
         if console:
-            self._sinks.append(ConsoleSink())
+            self._sinks.append(ConsoleSink(None if console is True else console))
         self.log_dir = Path(log_dir) if log_dir is not None else None
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -179,6 +179,13 @@ class Guard:
         """Every diagnosis so far, in the order found. Reads pending statistics first (a host sync, on demand)."""
         self._drain_safely()
         return list(self._diagnoses)
+
+    @property
+    def history(self) -> History | None:
+        """The host-side per-step record the detectors read (None before the first step). Reads pending
+        statistics first (a host sync, on demand)."""
+        self._drain_safely()
+        return self._history
 
     @property
     def actions(self) -> list[Action]:
@@ -422,7 +429,7 @@ class Guard:
         h = self._ensure_history()
         first_new = len(h.steps)
         h.append(np.array(self._row_steps, dtype=np.int64), rows[:, TOTAL], rows[:, Z], rows[:, MEAN],
-                 rows[:, LOSS], np.array(self._row_loss_seen), rows[:, HEAD:])
+                 rows[:, LOSS], rows[:, LOSS_MEAN], np.array(self._row_loss_seen), rows[:, HEAD:])
         first_new = len(h.steps) - n_rows
         for step, _, _ in self._samples:
             h.sample_steps.append(step)
@@ -451,9 +458,12 @@ class Guard:
             v = detect_exploding_step(h, r, t)
             if v is not None:
                 verdicts.append(v)
-        for v in (detect_exploding_window(h, t), detect_vanishing(h, t), *detect_units(h, t)):
-            if v is not None:
-                verdicts.append(v)
+        # Once NaN/Inf reached the statistics, every other rule reads garbage (a NaN output looks like a dead
+        # ReLU): window rules wait until the window is clean again.
+        if np.isfinite(h.total[-t.window:]).all():
+            for v in (detect_exploding_window(h, t), detect_vanishing(h, t), *detect_units(h, t)):
+                if v is not None:
+                    verdicts.append(v)
         verdicts.sort(key=lambda v: v.diagnosis.step)
         for v in verdicts:
             d = self._reporter.offer(v)

@@ -7,13 +7,12 @@ import warnings
 import numpy as np
 
 from ..types import Diagnosis
-from .history import History, Thresholds, update_ratios
+from .history import History, Thresholds, layer_flow, update_ratios
 from .reporter import Verdict
 
 REMEDIES = [
     "lower the learning rate (try 3-10x smaller) or add/lengthen learning-rate warm-up",
-    "clip the gradient norm (Guard(clip=1.0), or an adaptive clip: Guard(clip='zclip'))",
-    "let gradguard back off the learning rate and skip bad steps while training runs (Guard(repair='auto'))",
+    "clip the gradient norm before optimizer.step(): torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)",
     "check the initialisation scale of the layers named: gain too high for their activation",
 ]
 
@@ -74,7 +73,11 @@ def detect_exploding_step(h: History, row: int, t: Thresholds) -> Verdict | None
                                                                        list(REMEDIES)))
     zscore = float(h.z[row])
     mean = float(h.mean[row])
-    if h.finite_count[row] > t.warmup and zscore > t.spike_z and mean > 0 and total > t.spike_ratio * mean:
+    # A spike while the loss falls below its running mean is a model finding its way (an LSTM that starts to
+    # solve its task), not damage: only spikes without that progress are reported.
+    improving = loss is not None and np.isfinite(loss) and loss < float(h.loss_mean[row])
+    if (h.finite_count[row] > t.warmup and zscore > t.spike_z and mean > 0 and total > t.spike_ratio * mean
+            and not improving):
         layers, layer_growth = _grown_layers(h, row)
         msg = (f"Gradient spike: the total gradient norm jumped to {total:.4g}, {total / mean:.1f}x its running "
                f"mean {mean:.4g} (z-score {zscore:.1f}). One such step can undo many steps of progress.")
@@ -105,7 +108,7 @@ def detect_exploding_window(h: History, t: Thresholds) -> Verdict | None:
                        Diagnosis("exploding", "warning", step, layers, msg, ev, list(REMEDIES)))
     end = len(h.steps)
     if end >= t.window:
-        early, late, ratio, step = _flow(h, t.window)
+        early, late, ratio, step = layer_flow(h, t.window)
         prog = h.progress(end, t.window)
         if ratio is not None and ratio > t.backward_growth and (prog is None or prog < t.progress):
             msg = (f"Gradients grow on their way back to the input: the earliest layers receive {ratio:.3g}x the "
@@ -115,26 +118,3 @@ def detect_exploding_window(h: History, t: Thresholds) -> Verdict | None:
             return Verdict(("exploding", "backward"), ("backward",),
                            Diagnosis("exploding", "warning", step, early, msg, ev, list(REMEDIES)))
     return None
-
-
-def _flow(h: History, window: int) -> tuple[list[str], list[str], float | None, int]:
-    """Early vs late layers' RMS gradient over the window (median per layer), lookup layers left out.
-
-    Returns:
-        (early layer names, late layer names, median early RMS / median late RMS, last step).
-    """
-    rows = slice(len(h.steps) - window, len(h.steps))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        rms = np.nanmedian(h.rms_grad(rows), axis=0)
-    usable = [i for i in range(len(h.layers)) if not h.embedding[i] and np.isfinite(rms[i]) and rms[i] >= 0]
-    step = int(h.steps[-1])
-    if len(usable) < 2:
-        return [], [], None, step
-    q = max(1, len(usable) // 4)
-    early_i, late_i = usable[:q], usable[-q:]
-    late = float(np.median(rms[late_i]))
-    early = float(np.median(rms[early_i]))
-    if late <= 0:
-        return [], [], None, step
-    return [h.layers[i] for i in early_i], [h.layers[i] for i in late_i], early / late, step

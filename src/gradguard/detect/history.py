@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -17,9 +18,9 @@ class Thresholds:
     """
 
     window: int = 100  # steps of evidence behind window-based verdicts (vanishing, progress)
-    warmup: int = 20  # finite steps before the z-score of the total norm is trusted
-    spike_z: float = 6.0  # z-score of the total gradient norm against its EMA (ZClip's statistic)
-    spike_ratio: float = 5.0  # ... and at least this many times its running mean
+    warmup: int = 50  # finite steps before the z-score of the total norm is trusted
+    spike_z: float = 10.0  # z-score of the total gradient norm against its EMA (ZClip's statistic)
+    spike_ratio: float = 3.0  # ... and at least this many times its running mean
     growth_factor: float = 50.0  # total norm this many times above its early baseline ...
     loss_rise: float = 1.5  # ... while the loss is this many times its early level (or non-finite)
     update_ratio_high: float = 0.1  # ||dw||/||w|| per step; healthy training sits near 1e-3
@@ -40,9 +41,10 @@ class History:
 
     Attributes:
         layers: layer names in forward order; numel: elements per layer; embedding: which layers are lookups.
-        steps, total, z, mean, loss, loss_seen: per step. grad: (steps, layers) gradient norms, ABSENT=-1.
+        steps, total, z, mean, loss, loss_mean, loss_seen: per step. grad: (steps, layers) gradient norms, ABSENT=-1.
         sample_steps, weight, update: per sampled step, per layer weight norms and update norms.
-        acts: (step, module, "active", per-unit 0/1 mask) or (step, module, "saturated", fraction); times: (step, module, early, late, T).
+        acts: (step, module, "active", per-unit 0/1 mask) or (step, module, "saturated", fraction).
+        times: (step, module, early, late, T).
         baseline_total, baseline_loss: medians of the first finite values, the reference for growth.
     """
 
@@ -55,6 +57,7 @@ class History:
     z: np.ndarray = field(default_factory=lambda: np.zeros(0))
     mean: np.ndarray = field(default_factory=lambda: np.zeros(0))
     loss: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    loss_mean: np.ndarray = field(default_factory=lambda: np.zeros(0))
     loss_seen: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
     grad: np.ndarray | None = None
     sample_steps: list[int] = field(default_factory=list)
@@ -73,7 +76,7 @@ class History:
             self.grad = np.zeros((0, len(self.layers)))
 
     def append(self, steps: np.ndarray, total: np.ndarray, z: np.ndarray, mean: np.ndarray, loss: np.ndarray,
-               loss_seen: np.ndarray, grad: np.ndarray) -> None:
+               loss_mean: np.ndarray, loss_seen: np.ndarray, grad: np.ndarray) -> None:
         assert self.grad is not None
         prior = int(self.finite_count[-1]) if len(self.finite_count) else 0
         counts = prior + np.cumsum(np.isfinite(total))
@@ -83,6 +86,7 @@ class History:
         self.z = np.concatenate([self.z, z])[-self.keep:]
         self.mean = np.concatenate([self.mean, mean])[-self.keep:]
         self.loss = np.concatenate([self.loss, loss])[-self.keep:]
+        self.loss_mean = np.concatenate([self.loss_mean, loss_mean])[-self.keep:]
         self.loss_seen = np.concatenate([self.loss_seen, loss_seen])[-self.keep:]
         self.grad = np.concatenate([self.grad, grad])[-self.keep:]
         for t, g in zip(total, grad):
@@ -150,3 +154,26 @@ def update_ratios(h: History, n: int) -> np.ndarray | None:
         rows.append(np.where(ok, u / np.where(ok, w, 1.0), np.nan))
     r = np.stack(rows)
     return r if np.isfinite(r).any(axis=1).all() else None
+
+
+def layer_flow(h: History, window: int) -> tuple[list[str], list[str], float | None, int]:
+    """Early vs late layers' RMS gradient over the window (median per layer), lookup layers left out.
+
+    Returns:
+        (early layer names, late layer names, median early RMS / median late RMS, last step).
+    """
+    rows = slice(len(h.steps) - window, len(h.steps))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        rms = np.nanmedian(h.rms_grad(rows), axis=0)
+    usable = [i for i in range(len(h.layers)) if not h.embedding[i] and np.isfinite(rms[i]) and rms[i] >= 0]
+    step = int(h.steps[-1])
+    if len(usable) < 2:
+        return [], [], None, step
+    q = max(1, len(usable) // 4)
+    early_i, late_i = usable[:q], usable[-q:]
+    late = float(np.median(rms[late_i]))
+    early = float(np.median(rms[early_i]))
+    if late <= 0:
+        return [], [], None, step
+    return [h.layers[i] for i in early_i], [h.layers[i] for i in late_i], early / late, step

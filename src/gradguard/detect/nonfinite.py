@@ -10,8 +10,8 @@ from .history import History
 from .reporter import Verdict
 
 REMEDIES = [
-    "skip steps with non-finite gradients instead of applying them (Guard(repair='auto'))",
-    "lower the learning rate, or clip gradients (Guard(clip=1.0) / torch.nn.utils.clip_grad_norm_)",
+    "lower the learning rate, or clip gradients (torch.nn.utils.clip_grad_norm_) if exploding came first",
+    "skip steps whose gradients are non-finite instead of applying them (check before optimizer.step())",
     "guard the op that produced it: add an epsilon inside log/sqrt/division, clamp exp inputs",
     "under fp16 use torch.amp.GradScaler, or train in bf16",
 ]
@@ -66,4 +66,5 @@ def detect_nonfinite(h: History, row: int, origin: Origin | None) -> Verdict | N
                 "nonfinite_layers": float(bad.sum())}
     severity = "error"
     d = Diagnosis("nonfinite", severity, step, layers, msg, evidence, list(REMEDIES))
-    return Verdict(("nonfinite",), (tuple(layers[:1]),), d)
+    # One signature while it lasts: NaN weights after the first bad step are its consequence, not news.
+    return Verdict(("nonfinite",), (), d)

@@ -15,6 +15,9 @@ class Verdict:
     key: tuple[str, ...]
     signature: tuple[Any, ...]
     diagnosis: Diagnosis
+    #: False when the evidence holds but a gate (e.g. the loss is still improving) says not to raise it: an
+    #: already-active condition stays active (no re-report when the gate flickers), a new one is not raised.
+    emit: bool = True
 
 
 class Reporter:
@@ -31,6 +34,10 @@ class Reporter:
     def offer(self, verdict: Verdict) -> Diagnosis | None:
         step = verdict.diagnosis.step
         prev = self.active.get(verdict.key)
+        if not verdict.emit:
+            if prev is not None:
+                self.active[verdict.key] = (prev[0], step)
+            return None
         self.active[verdict.key] = (verdict.signature, step)
         if prev is not None and prev[0] == verdict.signature and step - prev[1] <= self.cooldown:
             return None

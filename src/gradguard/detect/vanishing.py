@@ -17,15 +17,13 @@ import warnings
 import numpy as np
 
 from ..types import Diagnosis
-from .exploding import _flow
-from .history import History, Thresholds, update_ratios
+from .history import History, Thresholds, layer_flow, update_ratios
 from .reporter import Verdict
 
 REMEDIES_DEPTH = [
-    "use a ReLU-family activation (ReLU, LeakyReLU, GELU) instead of sigmoid/tanh in hidden layers "
-    "(gradguard.swap_activations)",
+    "use a ReLU-family activation (ReLU, LeakyReLU, GELU) instead of sigmoid/tanh in hidden layers",
     "initialise with the gain of the activation that follows each layer: Kaiming for ReLU, Xavier for tanh "
-    "(gradguard.reinit(model, 'kaiming')), or data-driven LSUV",
+    "(torch.nn.init.kaiming_normal_), or data-driven LSUV",
     "add normalisation (BatchNorm/LayerNorm) or residual connections",
 ]
 REMEDIES_TIME = [
@@ -57,20 +55,30 @@ def detect_vanishing(h: History, t: Thresholds) -> Verdict | None:
     if len(h.steps) < t.window:
         return None
     stalled, prog = _stalled(h, t)
-    if not stalled:
-        return None
     # Without an observed loss the gate cannot see progress: ask for 10x stronger evidence instead.
     strict = 1.0 if prog is not None else 0.1
     step = int(h.steps[-1])
     prog_ev = {"loss_progress": prog} if prog is not None else {}
-    prog_txt = (f" The loss improved by only {100 * prog:.1f}% over the last {t.window} steps."
-                if prog is not None else "")
+    prog_txt = ""
+    if prog is not None:
+        prog_txt = (f" The loss improved by only {100 * prog:.1f}% over the last {t.window} steps." if prog > 0
+                    else f" The loss has not improved over the last {t.window} steps.")
+    v = _evidence(h, t, strict, step, prog_ev, prog_txt)
+    if v is not None and not stalled:
+        # Learning goes on despite the evidence (an LSTM early in training): keep an active condition alive so a
+        # flickering gate does not re-report it, but raise nothing new.
+        return Verdict(v.key, v.signature, v.diagnosis, emit=False)
+    return v
+
+
+def _evidence(h: History, t: Thresholds, strict: float, step: int, prog_ev: dict[str, float],
+              prog_txt: str) -> Verdict | None:
 
     v = _through_time(h, t, strict, step, prog_ev, prog_txt)
     if v is not None:
         return v
 
-    early, late, ratio, _ = _flow(h, t.window)
+    early, late, ratio, _ = layer_flow(h, t.window)
     ratio_hit = ratio is not None and ratio < t.vanish_ratio * strict
     upd = update_ratios(h, 3)
     med_upd = float(np.nanmax(np.nanmedian(upd, axis=1))) if upd is not None else None
@@ -97,8 +105,8 @@ def detect_vanishing(h: History, t: Thresholds) -> Verdict | None:
                if not h.embedding[i] and np.isfinite(rms[i])}
         layers = sorted((n for n, r in rel.items() if r < t.vanish_ratio * strict), key=lambda n: rel[n]) or early
         ev["min_layer_ratio"] = rel[layers[0]]
-        msg = (f"Vanishing gradients through depth: the early layers receive {ratio:.2g}x the gradient of the last "
-               f"layers (RMS per element, median over {t.window} steps); '{layers[0]}' gets {rel[layers[0]]:.2g}x. "
+        msg = (f"Vanishing gradients through depth: the early layers receive {_times(ratio)} the gradient of the last "
+               f"layers (RMS per element, median over {t.window} steps); '{layers[0]}' gets {_times(rel[layers[0]])}. "
                f"The early layers have effectively stopped learning.{abs_txt}{prog_txt}")
         return Verdict(("vanishing", "depth"), ("depth",),
                        Diagnosis("vanishing", "warning", step, layers, msg, ev, list(REMEDIES_DEPTH)))
@@ -130,8 +138,13 @@ def _through_time(h: History, t: Thresholds, strict: float, step: int, prog_ev: 
         return None
     name, ratio, steps = worst
     msg = (f"Vanishing gradients through time in '{name}': the first 10% of its {steps} time steps receive "
-           f"{ratio:.2g}x the gradient that reaches the last 10%. The start of each sequence has no influence on "
+           f"{_times(ratio)} the gradient that reaches the last 10%. The start of each sequence has no influence on "
            f"learning, so long-range dependencies cannot be learned.{prog_txt}")
     ev = {"early_late_time_ratio": ratio, "time_steps": float(steps), **prog_ev}
     return Verdict(("vanishing", "time"), ("time", name),
                    Diagnosis("vanishing", "warning", step, [name], msg, ev, list(REMEDIES_TIME)))
+
+
+def _times(ratio: float) -> str:
+    """'3.2e-05x', or words for a ratio that underflowed to zero in fp32."""
+    return f"{ratio:.2g}x" if ratio > 0 else "none (below fp32 range) of"

@@ -74,7 +74,7 @@ class ConsoleSink:
         try:
             from rich.console import Console  # optional extra: gradguard[rich]
 
-            self._console = Console(file=stream or sys.stderr, highlight=False)
+            self._console = Console(file=stream or sys.stderr, highlight=False, soft_wrap=True)
         except ImportError:
             self._console = None
 
