@@ -1,0 +1,57 @@
+import torch
+from torch import nn
+
+from gradguard.stats.layers import build_layer_map
+from gradguard.stats.norms import ABSENT, LayerNorms, total_norm
+
+
+def _oracle(tensors: list[torch.Tensor]) -> float:
+    return torch.linalg.vector_norm(torch.cat([t.detach().double().flatten() for t in tensors])).item()
+
+
+def test_layer_norms_match_vector_norm_and_clip_grad_norm() -> None:
+    m = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+    m(torch.randn(11, 5)).square().sum().backward()
+    lm = build_layer_map(m, None)
+    norms = LayerNorms(lm, torch.device("cpu"))([p.grad for p in lm.params])
+    assert torch.allclose(norms.double(), torch.tensor([_oracle([m[0].weight.grad, m[0].bias.grad]),
+                                                        _oracle([m[2].weight.grad, m[2].bias.grad])],
+                                                       dtype=torch.float64), rtol=1e-6)
+    expected = nn.utils.clip_grad_norm_(m.parameters(), max_norm=float("inf"))
+    assert torch.allclose(total_norm(norms), expected, rtol=1e-6)
+
+
+def test_absent_gradients_are_marked_not_zero() -> None:
+    m = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    lm = build_layer_map(m, None)
+    g = torch.tensor([[3.0, 0.0], [0.0, 4.0]])
+    norms = LayerNorms(lm, torch.device("cpu"))([g, None, None, None])
+    assert norms.tolist() == [5.0, ABSENT]
+    assert total_norm(norms).item() == 5.0
+
+
+def test_low_precision_accumulates_in_fp32() -> None:
+    # 4096 bf16 values of 1.0: the norm is 64 exactly; a bf16 sum of squares would stall at 256 (= 16^2).
+    for dtype in (torch.bfloat16, torch.float16):
+        m = nn.Linear(64, 64, bias=False).to(dtype)
+        lm = build_layer_map(m, None)
+        norms = LayerNorms(lm, torch.device("cpu"))([torch.ones(64, 64, dtype=dtype)])
+        assert norms.dtype == torch.float32 and norms.item() == 64.0
+
+
+def test_mixed_dtypes_fold_into_one_vector() -> None:
+    m = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4).to(torch.bfloat16))
+    lm = build_layer_map(m, None)
+    grads = [torch.randn_like(p) for p in lm.params]
+    norms = LayerNorms(lm, torch.device("cpu"))(grads)
+    want = [_oracle(grads[:2]), _oracle(grads[2:])]
+    assert torch.allclose(norms.double(), torch.tensor(want, dtype=torch.float64), rtol=1e-5)
+
+
+def test_nonfinite_propagates() -> None:
+    m = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    lm = build_layer_map(m, None)
+    grads = [torch.zeros(2, 2), torch.zeros(2), torch.tensor([[float("nan"), 0.0], [0.0, 0.0]]), torch.zeros(2)]
+    norms = LayerNorms(lm, torch.device("cpu"))(grads)
+    assert norms[0].item() == 0.0 and torch.isnan(norms[1])
+    assert torch.isnan(total_norm(norms))
