@@ -259,7 +259,7 @@ def test_state_dict_resume_continues_running_statistics() -> None:
             opt.zero_grad()
             loss.backward()
             opt.step()
-        guard.diagnoses
+        guard.check()  # read pending statistics
         return guard
 
     full, resumed = run(None), run(25)
@@ -346,7 +346,7 @@ def test_hot_path_never_reads_device_values(monkeypatch) -> None:
     def forbidden(*a, **k):
         raise AssertionError("host read in the per-step path")
 
-    for step in range(6):
+    for _ in range(6):
         loss = m(torch.randn(4, 6)).square().mean()
         loss.backward()
         with monkeypatch.context() as mp:

@@ -91,9 +91,11 @@ def _evidence(h: History, t: Thresholds, strict: float, step: int, prog_ev: dict
         ev["median_update_ratio"] = med_upd
     if ratio is not None:
         ev["early_late_ratio"] = ratio
-    abs_txt = (f" Half the layers change their weights by less than {med_upd:.2g} of their norm per step (healthy "
-               "training sits near 1e-3), so they effectively do not learn." if abs_hit and med_upd is not None
-               else "")
+    abs_txt = ""
+    if abs_hit and med_upd is not None:
+        abs_txt = (f" Half the layers change their weights by less than {med_upd:.2g} of their norm per step (healthy "
+                   "training sits near 1e-3), so they effectively do not learn." if med_upd > 0 else
+                   " Half the layers do not change their weights at all.")
     if ratio_hit:
         assert ratio is not None
         rows = slice(len(h.steps) - t.window, len(h.steps))
@@ -106,7 +108,7 @@ def _evidence(h: History, t: Thresholds, strict: float, step: int, prog_ev: dict
         layers = sorted((n for n, r in rel.items() if r < t.vanish_ratio * strict), key=lambda n: rel[n]) or early
         ev["min_layer_ratio"] = rel[layers[0]]
         msg = (f"Vanishing gradients through depth: the early layers receive {_times(ratio)} the gradient of the last "
-               f"layers (RMS per element, median over {t.window} steps); '{layers[0]}' gets {_times(rel[layers[0]])}. "
+               f"layers (RMS per element, median over {t.window} steps; {rel[layers[0]]:.2g}x for '{layers[0]}'). "
                f"The early layers have effectively stopped learning.{abs_txt}{prog_txt}")
         return Verdict(("vanishing", "depth"), ("depth",),
                        Diagnosis("vanishing", "warning", step, layers, msg, ev, list(REMEDIES_DEPTH)))
@@ -147,4 +149,4 @@ def _through_time(h: History, t: Thresholds, strict: float, step: int, prog_ev: 
 
 def _times(ratio: float) -> str:
     """'3.2e-05x', or words for a ratio that underflowed to zero in fp32."""
-    return f"{ratio:.2g}x" if ratio > 0 else "none (below fp32 range) of"
+    return f"{ratio:.2g}x" if ratio > 0 else "a vanishing fraction (below fp32 range) of"
