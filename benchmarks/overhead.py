@@ -1,0 +1,119 @@
+"""Step-time overhead of gradguard's monitoring, against a plain step and against clip_grad_norm_.
+
+Interleaved rounds in one process: each round times every variant for a few steps, in a rotating order, so drift
+(thermal, other load) hits all variants alike. Reported: median per-step time over rounds, and its ratio to the
+plain step. Run: ``python benchmarks/overhead.py [--rounds N] [--steps K] [--only mlp|gpt2]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+import gradguard as gg
+
+
+def mlp48() -> tuple[nn.Module, Callable[[], torch.Tensor]]:
+    layers: list[nn.Module] = []
+    for _ in range(48):
+        layers += [nn.Linear(256, 256), nn.ReLU()]
+    model = nn.Sequential(*layers, nn.Linear(256, 10))
+    x, y = torch.randn(64, 256), torch.randint(0, 10, (64,))
+    return model, lambda: nn.functional.cross_entropy(model(x), y)
+
+
+def gpt2() -> tuple[nn.Module, Callable[[], torch.Tensor]]:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(n_layer=4, n_embd=256, n_head=4, n_positions=128, vocab_size=50257)
+    model = GPT2LMHeadModel(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (4, 128))
+    return model, lambda: model(input_ids=ids, labels=ids).loss
+
+
+def variants(base: nn.Module, loss_of: Callable[[nn.Module], Callable[[], torch.Tensor]]) -> dict[str, Callable[[], None]]:
+    out: dict[str, Callable[[], None]] = {}
+
+    def make(name: str, clip: bool, guard_kw: dict | None) -> None:
+        model = copy.deepcopy(base)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        loss_fn = loss_of(model)
+        guard = gg.Guard(model, opt, console=False, **guard_kw) if guard_kw is not None else None
+
+        def step() -> None:
+            loss = loss_fn()
+            if guard is not None:
+                guard.observe_loss(loss)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if clip:
+                nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+
+        out[name] = step
+
+    make("plain", False, None)
+    make("plain + clip_grad_norm_", True, None)
+    make("plain + Guard (defaults)", False, {})
+    make("plain + Guard (sample_every=1, log_every=1)", False, {"sample_every": 1, "log_every": 1})
+    return out
+
+
+def bench(name: str, build: Callable[[], tuple[nn.Module, Callable[[], torch.Tensor]]], rounds: int,
+          steps: int) -> None:
+    torch.manual_seed(0)
+    base, _ = build()
+
+    def loss_of(model: nn.Module) -> Callable[[], torch.Tensor]:
+        if name == "mlp":
+            x, y = torch.randn(64, 256), torch.randint(0, 10, (64,))
+            return lambda: nn.functional.cross_entropy(model(x), y)
+        ids = torch.randint(0, 50257, (4, 128))
+        return lambda: model(input_ids=ids, labels=ids).loss
+
+    vs = variants(base, loss_of)
+    names = list(vs)
+    for fn in vs.values():  # warm-up: allocator, optimizer state, first-forward hooks
+        for _ in range(3):
+            fn()
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for n in order:
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                vs[n]()
+            times[n].append((time.perf_counter() - t0) / steps)
+    plain = statistics.median(times["plain"])
+    print(f"\n{name}: {sum(p.numel() for p in base.parameters()) / 1e6:.2f}M parameters, "
+          f"{rounds} rounds x {steps} steps, median per step")
+    print(f"| variant | ms/step | ratio to plain |\n|---|---|---|")
+    for n in names:
+        med = statistics.median(times[n])
+        print(f"| {n} | {1000 * med:.2f} | {med / plain:.3f}x |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--only", choices=["mlp", "gpt2"])
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, threads {args.threads}")
+    if args.only in (None, "mlp"):
+        bench("mlp", mlp48, args.rounds, args.steps)
+    if args.only in (None, "gpt2"):
+        bench("gpt2", gpt2, args.rounds, max(2, args.steps // 3))
+
+
+if __name__ == "__main__":
+    main()
