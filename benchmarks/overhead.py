@@ -19,26 +19,36 @@ from torch import nn
 
 import gradguard as gg
 
+LossOf = Callable[[nn.Module], Callable[[], torch.Tensor]]
 
-def mlp48() -> tuple[nn.Module, Callable[[], torch.Tensor]]:
+
+def mlp48() -> tuple[nn.Module, LossOf]:
+    """48 Linear(256, 256)+ReLU blocks and a head; batch 64."""
     layers: list[nn.Module] = []
     for _ in range(48):
         layers += [nn.Linear(256, 256), nn.ReLU()]
-    model = nn.Sequential(*layers, nn.Linear(256, 10))
     x, y = torch.randn(64, 256), torch.randint(0, 10, (64,))
-    return model, lambda: nn.functional.cross_entropy(model(x), y)
+
+    def loss_of(model: nn.Module) -> Callable[[], torch.Tensor]:
+        return lambda: nn.functional.cross_entropy(model(x), y)
+
+    return nn.Sequential(*layers, nn.Linear(256, 10)), loss_of
 
 
-def gpt2() -> tuple[nn.Module, Callable[[], torch.Tensor]]:
+def gpt2() -> tuple[nn.Module, LossOf]:
+    """transformers' GPT-2 from a config (no download): 4 layers, width 256, 4 x 128 tokens."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     cfg = GPT2Config(n_layer=4, n_embd=256, n_head=4, n_positions=128, vocab_size=50257)
-    model = GPT2LMHeadModel(cfg)
     ids = torch.randint(0, cfg.vocab_size, (4, 128))
-    return model, lambda: model(input_ids=ids, labels=ids).loss
+
+    def loss_of(model: nn.Module) -> Callable[[], torch.Tensor]:
+        return lambda: model(input_ids=ids, labels=ids).loss
+
+    return GPT2LMHeadModel(cfg), loss_of
 
 
-def variants(base: nn.Module, loss_of: Callable[[nn.Module], Callable[[], torch.Tensor]]) -> dict[str, Callable[[], None]]:
+def variants(base: nn.Module, loss_of: LossOf) -> dict[str, Callable[[], None]]:
     out: dict[str, Callable[[], None]] = {}
 
     def make(name: str, clip: bool, guard_kw: dict | None) -> None:
@@ -66,18 +76,9 @@ def variants(base: nn.Module, loss_of: Callable[[nn.Module], Callable[[], torch.
     return out
 
 
-def bench(name: str, build: Callable[[], tuple[nn.Module, Callable[[], torch.Tensor]]], rounds: int,
-          steps: int) -> None:
+def bench(name: str, build: Callable[[], tuple[nn.Module, LossOf]], rounds: int, steps: int) -> None:
     torch.manual_seed(0)
-    base, _ = build()
-
-    def loss_of(model: nn.Module) -> Callable[[], torch.Tensor]:
-        if name == "mlp":
-            x, y = torch.randn(64, 256), torch.randint(0, 10, (64,))
-            return lambda: nn.functional.cross_entropy(model(x), y)
-        ids = torch.randint(0, 50257, (4, 128))
-        return lambda: model(input_ids=ids, labels=ids).loss
-
+    base, loss_of = build()
     vs = variants(base, loss_of)
     names = list(vs)
     for fn in vs.values():  # warm-up: allocator, optimizer state, first-forward hooks
@@ -94,7 +95,7 @@ def bench(name: str, build: Callable[[], tuple[nn.Module, Callable[[], torch.Ten
     plain = statistics.median(times["plain"])
     print(f"\n{name}: {sum(p.numel() for p in base.parameters()) / 1e6:.2f}M parameters, "
           f"{rounds} rounds x {steps} steps, median per step")
-    print(f"| variant | ms/step | ratio to plain |\n|---|---|---|")
+    print("| variant | ms/step | ratio to plain |\n|---|---|---|")
     for n in names:
         med = statistics.median(times[n])
         print(f"| {n} | {1000 * med:.2f} | {med / plain:.3f}x |")

@@ -1,14 +1,15 @@
 """Guard: wires hooks -> stats -> detectors -> reporter -> sinks around a user's model and optimizer.
 
-Per optimizer step (the hot path) the Guard only launches device work: fused gradient norms folded per layer,
-running moments, one small row appended to a list. Nothing is read back to the host there. Every ``log_every``
-steps the pending rows (and any activation samples) are concatenated and copied to the host in one transfer,
-and the detectors run on the host over exact per-step numbers, so each diagnosis names the step it happened at.
+Per optimizer step (the hot path) the Guard only launches device work: fused gradient norms folded per layer and
+one small row appended to a list. Nothing is read back to the host there. Every ``log_every`` steps the pending
+rows (and any samples) are concatenated and copied to the host in one transfer, the running statistics are
+derived there, and the detectors run on exact per-step numbers, so each diagnosis names the step it happened at.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import platform
 import time
 import traceback
@@ -33,17 +34,31 @@ from .report.sinks import ConsoleSink, JsonlSink, Sink
 from .stats.activations import ActivationSampler
 from .stats.layers import LayerMap, build_layer_map, is_compiled, unwrap
 from .stats.norms import LayerNorms, total_norm
-from .stats.running import RunningMoments
 from .stats.sentinel import Origin, locate
 from .types import Action, Diagnosis
 
-# Columns of a step row; the per-layer gradient norms follow.
-TOTAL, Z, MEAN, STD, LOSS, LOSS_MEAN, LOSS_STD = range(7)
-HEAD = 7
+# Columns of a step row: total gradient norm, loss, then the per-layer gradient norms.
+TOTAL, LOSS, HEAD = 0, 1, 2
 
 
 class GuardInternalWarning(RuntimeWarning):
     """gradguard failed internally; it switched monitoring off and left training untouched."""
+
+
+def _stats_device(params: list[nn.Parameter]) -> torch.device:
+    """Where the statistics live: the first accelerator holding a parameter, else the CPU.
+
+    An accelerator is preferred so that per-group norms only ever move toward it (a non-blocking copy from an
+    accelerator into CPU memory could be read before it lands).
+    """
+    for p in params:
+        if p.device.type != "cpu":
+            return p.device
+    return torch.device("cpu")
+
+
+def _closure_given(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    return bool(kwargs.get("closure")) or (len(args) > 0 and callable(args[0]))
 
 
 class Guard:
@@ -107,22 +122,24 @@ class Guard:
             raise ValueError(f"log_every and sample_every must be >= 1, got {log_every} and {sample_every}")
         if nonfinite_check not in ("auto", "step", "deferred"):
             raise ValueError(f"nonfinite_check must be 'auto', 'step' or 'deferred', got {nonfinite_check!r}")
+        if not 0.0 < ema_beta < 1.0:
+            raise ValueError(f"ema_beta must be in (0, 1), got {ema_beta}")
 
         self.model = model
         self.optimizer = optimizer
         self.inner = unwrap(model)
         self.layers: LayerMap = build_layer_map(model, optimizer)
-        self.device = self.layers.params[0].device
+        self.device = _stats_device(self.layers.params)
         self.log_every = log_every
         self.sample_every = sample_every
         self.thresholds = thresholds or Thresholds()
+        self.ema_beta = ema_beta
         self.immediate = nonfinite_check == "step" or (nonfinite_check == "auto" and self.device.type == "cpu")
         self.compiled = is_compiled(model)
 
         self.step = 0  # optimizer steps taken since attach (or restored by load_state_dict)
-        self._grad_moments = RunningMoments(ema_beta, self.device)
-        self._loss_moments = RunningMoments(ema_beta, self.device)
-        self._loss_sum: torch.Tensor | None = None
+        self._loss_sum: torch.Tensor | None = None  # device sum of observed loss tensors this step
+        self._loss_host = 0.0  # sum of observed Python numbers (kept on the host: no copy to the device)
         self._loss_n = 0
         self._norms: LayerNorms | None = None
         self._rows: list[torch.Tensor] = []
@@ -130,11 +147,13 @@ class Guard:
         self._row_loss_seen: list[bool] = []
         self._samples: list[tuple[int, torch.Tensor, torch.Tensor | None]] = []
         self._snapshot: tuple[int, torch.Tensor, list[torch.Tensor]] | None = None
-        self._acts: list[tuple[int, str, str, torch.Tensor]] = []
+        self._acts: list[tuple[int, str, int, str, torch.Tensor]] = []
         self._times: list[tuple[int, str, torch.Tensor, torch.Tensor, int]] = []
+        self._activation_order: list[str] = []
         self._origins: dict[int, Origin | None] = {}
         self._last_inputs: tuple[tuple[Any, ...], dict[str, Any]] | None = None
         self._history: History | None = None
+        self._pending_state: dict[str, Any] | None = None
         self._reporter = Reporter(self.thresholds.cooldown)
         self._diagnoses: list[Diagnosis] = []
         self._actions: list[Action] = []
@@ -143,7 +162,7 @@ class Guard:
         self._order: list[str] = []
         self._closed = False
         self._failed = False
-        self._loaded_history: dict[str, Any] | None = None
+        self._draining = False
 
         self._sinks: list[Sink] = []
         self._stats_sink: JsonlSink | None = None
@@ -157,20 +176,24 @@ class Guard:
             self._write_meta()
 
         named = list(self.inner.named_modules())
-        self._sampler = ActivationSampler(named) if not self.compiled else ActivationSampler([])
-        self._embedding = np.array([isinstance(m, (nn.Embedding, nn.EmbeddingBag)) for m in self.layers.modules])
-
-        if optimizer is not None:
-            self._handles.append(optimizer.register_step_pre_hook(self._pre_step_hook))
-            self._handles.append(optimizer.register_step_post_hook(self._post_step_hook))
-        self._handles.append(model.register_forward_pre_hook(self._forward_pre_hook, with_kwargs=True))
-        if not self.compiled:
-            # One-shot: learn the forward order of the layers from the first forward, then remove these hooks.
-            wanted = {id(m): n for n, m in zip(self.layers.names, self.layers.modules)}
-            for n, m in named:
-                if id(m) in wanted:
-                    self._order_handles.append(m.register_forward_pre_hook(self._order_hook(n)))
-            self._sampler.arm()  # step 0 is a sample step
+        self._sampler = ActivationSampler([] if self.compiled else named)
+        try:
+            if optimizer is not None:
+                self._handles.append(optimizer.register_step_pre_hook(self._pre_step_hook))
+                self._handles.append(optimizer.register_step_post_hook(self._post_step_hook))
+            self._handles.append(model.register_forward_pre_hook(self._forward_pre_hook, with_kwargs=True))
+            if not self.compiled:
+                # One-shot: learn the forward order of the layers from the first forward, then remove these.
+                wanted = {id(m) for m in self.layers.modules}
+                for n, m in named:
+                    if id(m) in wanted:
+                        self._order_handles.append(m.register_forward_pre_hook(self._order_hook(n)))
+                self._sampler.arm()  # step 0 is a sample step
+        except Exception:
+            self._remove_hooks()  # nothing half-attached stays behind
+            for s in self._sinks:
+                s.close()
+            raise
 
     # ------------------------------------------------------------------ public API
 
@@ -196,7 +219,7 @@ class Guard:
         """Record this step's loss for the detectors; never synchronises. A no-op after ``close()``.
 
         Args:
-            loss: the scalar loss tensor (or a Python number). Several calls before one optimizer step
+            loss: the scalar loss tensor (or a Python/NumPy number). Several calls before one optimizer step
                 (gradient accumulation) are averaged.
 
         Raises:
@@ -204,16 +227,16 @@ class Guard:
         """
         if self._closed or self._failed:
             return
-        if isinstance(loss, (int, float)) and not isinstance(loss, bool):
-            value = torch.tensor(float(loss), dtype=torch.float32, device=self.device)
-        elif isinstance(loss, torch.Tensor):
+        if isinstance(loss, torch.Tensor):
             if loss.numel() != 1:
                 raise ValueError(f"observe_loss expects a scalar loss, got a tensor of shape {tuple(loss.shape)}; "
                                  "reduce it first (loss.mean())")
-            value = loss.detach().reshape(()).to(device=self.device, dtype=torch.float32)
+            value = loss.detach().reshape(()).to(device=self.device, dtype=torch.float32, non_blocking=True)
+            self._loss_sum = value if self._loss_sum is None else self._loss_sum + value
+        elif isinstance(loss, (int, float, np.integer, np.floating)) and not isinstance(loss, bool):
+            self._loss_host += float(loss)
         else:
             raise TypeError(f"observe_loss expects the loss tensor (or a number), got {type(loss).__name__}")
-        self._loss_sum = value if self._loss_sum is None else self._loss_sum + value
         self._loss_n += 1
 
     def check(self) -> list[Diagnosis]:
@@ -233,8 +256,8 @@ class Guard:
         before = len(self._diagnoses)
         if self.optimizer is None and not self._failed:
             try:
-                self._record_step()
-                self.step += 1
+                self._record_step(snapshot=False)
+                self._end_step()
             except Exception as e:  # never crash the user's training step
                 self._internal_failure(e)
         self._drain_safely()
@@ -261,22 +284,19 @@ class Guard:
         self.close()
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume: step count, running statistics, detector baselines, reported conditions."""
+        """Everything needed to resume: step count, running statistics, early baselines, reported conditions.
+
+        Returns:
+            A dict of plain Python values (JSON-serialisable).
+        """
         self._drain_safely()
-        h = self._history
-        return {
-            "version": 1,
-            "step": self.step,
-            "layers": list(self.layers.names),
-            "grad_moments": self._grad_moments.state_dict(),
-            "loss_moments": self._loss_moments.state_dict(),
-            "reporter": self._reporter.state_dict(),
-            "baselines": {
-                "first_totals": list(h.first_totals) if h else [],
-                "first_losses": list(h.first_losses) if h else [],
-                "first_grads": [g.tolist() for g in h.first_grads] if h else [],
-            },
-        }
+        if self._history is not None:
+            history = self._history.state_dict()
+        elif self._pending_state is not None:
+            history = self._pending_state
+        else:
+            history = History(list(self.layers.names), np.zeros(0), np.zeros(0), self.ema_beta).state_dict()
+        return {"version": 1, "step": self.step, "history": history, "reporter": self._reporter.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from ``state_dict()`` of an earlier Guard on the same model.
@@ -284,14 +304,15 @@ class Guard:
         Raises:
             ValueError: the state was saved for other layers.
         """
-        if set(state["layers"]) != set(self.layers.names):
+        if set(state["history"]["layers"]) != set(self.layers.names):
             raise ValueError("this state was saved for a model with other layers; load it into a Guard on the same "
                              "model architecture")
         self.step = int(state["step"])
-        self._grad_moments.load_state_dict(state["grad_moments"])
-        self._loss_moments.load_state_dict(state["loss_moments"])
         self._reporter.load_state_dict(state["reporter"])
-        self._loaded_history = {"order": list(state["layers"]), **state["baselines"]}
+        if self._history is not None:
+            self._history.load_state_dict(state["history"])
+        else:
+            self._pending_state = state["history"]
 
     # ------------------------------------------------------------------ hooks (hot path)
 
@@ -299,7 +320,9 @@ class Guard:
         if self._closed or self._failed:
             return
         try:
-            self._record_step()
+            if not _closure_given(args, kwargs):
+                self._record_step(snapshot=True)
+            # With a closure (LBFGS) the gradients exist only once step() has run it: record in the post hook.
         except Exception as e:  # never crash the user's training step
             self._internal_failure(e)
 
@@ -307,22 +330,29 @@ class Guard:
         if self._closed or self._failed:
             return
         try:
-            if self._snapshot is not None:
+            if _closure_given(args, kwargs):
+                self._record_step(snapshot=False)
+            elif self._snapshot is not None:
                 step, wnorm, before = self._snapshot
                 self._snapshot = None
-                now = [p.detach() for p in self.layers.params]
-                diff = torch._foreach_sub(now, before)
+                diff = torch._foreach_sub([p.detach() for p in self.layers.params], before)
                 self._samples.append((step, wnorm, self._layer_norms(diff)))
-            self.step += 1
-            if self.step % self.sample_every == 0 and not self.compiled:
-                self._sampler.arm()  # the next forward is a sampled one
-            if len(self._rows) >= self.log_every:
-                self._drain()
+            self._end_step()
         except Exception as e:
             self._internal_failure(e)
 
+    def _end_step(self) -> None:
+        self.step += 1
+        if self.step % self.sample_every == 0 and not self.compiled:
+            self._sampler.arm()  # the next forward is a sampled one
+        if len(self._rows) >= self.log_every:
+            self._drain()
+
     def _forward_pre_hook(self, module: nn.Module, args: Any, kwargs: Any) -> None:
-        if self.immediate and torch.is_grad_enabled():
+        if not torch.is_grad_enabled():
+            return
+        self._sampler.new_forward()
+        if self.immediate:
             self._last_inputs = (args, kwargs)  # references only, kept for a replay if this step turns non-finite
 
     def _order_hook(self, name: str) -> Callable[[nn.Module, Any], None]:
@@ -331,58 +361,51 @@ class Guard:
                 self._order.append(name)
         return hook
 
-    def _record_step(self) -> None:
+    def _record_step(self, snapshot: bool) -> None:
         """Measure this step's gradients on the device and queue the row. No host read unless ``immediate``."""
         if self._order_handles:
             for h in self._order_handles:
                 h.remove()
             self._order_handles.clear()
             self.layers.reorder(self._order)
-            self._embedding = np.array([isinstance(m, (nn.Embedding, nn.EmbeddingBag))
-                                        for m in self.layers.modules])
             self._norms = None
         params = self.layers.params
         gnorm = self._layer_norms([p.grad for p in params])
         total = total_norm(gnorm)
-        z = self._grad_moments.zscore(total)
-        mean_before = self._grad_moments.mean
-        self._grad_moments.update(total)
         seen = self._loss_n > 0
-        if self._loss_sum is not None and seen:
-            loss = self._loss_sum / self._loss_n
-            self._loss_moments.update(loss)
+        if seen:
+            loss = torch.full((), self._loss_host, dtype=torch.float32, device=self.device)  # a fill, not a copy
+            if self._loss_sum is not None:
+                loss = loss + self._loss_sum
+            loss = loss / self._loss_n
         else:
             loss = torch.zeros((), dtype=torch.float32, device=self.device)
-        self._loss_sum, self._loss_n = None, 0
-        head = torch.stack([total, z, mean_before, self._grad_moments.var.sqrt(), loss, self._loss_moments.mean,
-                            self._loss_moments.var.sqrt()])
-        self._rows.append(torch.cat([head, gnorm]))
+        self._loss_sum, self._loss_host, self._loss_n = None, 0.0, 0
+        self._rows.append(torch.cat([torch.stack([total, loss]), gnorm]))
         self._row_steps.append(self.step)
         self._row_loss_seen.append(seen)
 
-        if self._sampler.armed:
+        if self._sampler.armed or self._sampler.tensor_handles:
             self._sampler.disarm()
             acts, times, order = self._sampler.take()
-            self._acts += [(self.step, n, w, v) for n, w, v in acts]
+            self._acts += [(self.step, n, c, w, v) for n, c, w, v in acts]
             self._times += [(self.step, n, e, late, t) for n, e, late, t in times]
             if order:
                 self._activation_order = order
         if self.step % self.sample_every == 0:
             detached = [p.detach() for p in params]
             wnorm = self._layer_norms(detached)
-            if self.optimizer is not None:
+            if snapshot and self.optimizer is not None:
                 # Transient copy of the weights on sample steps only, for ||w_after - w_before|| in the post hook.
                 self._snapshot = (self.step, wnorm, torch._foreach_mul(detached, 1.0))
             else:
                 self._samples.append((self.step, wnorm, None))
 
-        if self.immediate:
-            # Host read of one flag. With the statistics on the CPU this is a plain memory read; on an accelerator
-            # it happens only with nonfinite_check="step" (the documented one small sync per step).
-            ok = torch.isfinite(total) & torch.isfinite(loss)
-            if not bool(ok):
-                self._origins[self.step] = self._replay()
-                self._drain()  # report now, before the optimizer applies this step
+        # Host read of one flag, only when immediate. With the statistics on the CPU this is a plain memory read;
+        # on an accelerator it happens only with nonfinite_check="step" (the documented one small sync per step).
+        if self.immediate and not bool(torch.isfinite(total) & torch.isfinite(loss)):
+            self._origins[self.step] = self._replay()
+            self._drain()  # report now, before the optimizer applies this step
 
     def _layer_norms(self, tensors: list[torch.Tensor | None] | list[torch.Tensor]) -> torch.Tensor:
         if self._norms is None:
@@ -390,12 +413,16 @@ class Guard:
         return self._norms(tensors)
 
     def _replay(self) -> Origin | None:
+        """Where the NaN/Inf of this step was born; None when unknown. Never raises: a failed replay only costs
+        the location, not the diagnosis."""
         if self._last_inputs is None:
             return None
         args, kwargs = self._last_inputs
         was = {m: m.training for m in self.inner.modules()}
         try:
             return locate(self.inner, args, kwargs)
+        except Exception:
+            return None
         finally:
             for m, flag in was.items():
                 m.training = flag
@@ -414,12 +441,19 @@ class Guard:
         """Copy pending statistics to the host in one transfer, run the detectors, report."""
         if not self._rows:
             return
+        self._draining = True
+        try:
+            self._drain_inner()
+        finally:
+            self._draining = False
+
+    def _drain_inner(self) -> None:
         n_rows, width = len(self._rows), len(self._rows[0])
         L = self.layers.num_layers
         pieces = [torch.stack(self._rows).reshape(-1)]
         for _, w, u in self._samples:
             pieces += [w, u if u is not None else torch.full_like(w, -1.0)]
-        pieces += [v.reshape(-1).to(self.device, torch.float32) for _, _, _, v in self._acts]
+        pieces += [v.reshape(-1).to(self.device, torch.float32) for *_, v in self._acts]
         pieces += [torch.stack([e, late]).to(self.device, torch.float32) for _, _, e, late, _ in self._times]
         # The one host read per log_every steps (a sync on an accelerator, by design off the per-step path).
         flat = torch.cat(pieces).cpu().numpy().astype(np.float64)
@@ -427,30 +461,28 @@ class Guard:
         rows = flat[: n_rows * width].reshape(n_rows, width)
         off = n_rows * width
         h = self._ensure_history()
-        first_new = len(h.steps)
-        h.append(np.array(self._row_steps, dtype=np.int64), rows[:, TOTAL], rows[:, Z], rows[:, MEAN],
-                 rows[:, LOSS], rows[:, LOSS_MEAN], np.array(self._row_loss_seen), rows[:, HEAD:])
-        first_new = len(h.steps) - n_rows
+        h.append(np.array(self._row_steps, dtype=np.int64), rows[:, TOTAL], rows[:, LOSS],
+                 np.array(self._row_loss_seen), rows[:, HEAD:])
         for step, _, _ in self._samples:
             h.sample_steps.append(step)
             h.weight.append(flat[off: off + L])
             h.update.append(flat[off + L: off + 2 * L])
             off += 2 * L
-        for step, name, what, v in self._acts:
+        for step, name, call, what, v in self._acts:
             k = v.numel()  # shape is host metadata: no sync
-            h.acts.append((step, name, what, flat[off: off + k].copy() if what == "active" else float(flat[off])))
+            h.add_act(step, name, call, what, flat[off: off + k].copy() if what == "active" else float(flat[off]))
             off += k
         for step, name, _, _, t in self._times:
             h.times.append((step, name, float(flat[off]), float(flat[off + 1]), t))
             off += 2
-        if getattr(self, "_activation_order", None):
+        if self._activation_order:
             h.activation_order = self._activation_order
         self._rows, self._row_steps, self._row_loss_seen = [], [], []
         self._samples, self._acts, self._times = [], [], []
 
         verdicts: list[Verdict] = []
         t = self.thresholds
-        for r in range(first_new, len(h.steps)):
+        for r in range(len(h.steps) - n_rows, len(h.steps)):
             step = int(h.steps[r])
             v = detect_nonfinite(h, r, self._origins.pop(step, None))
             if v is not None:
@@ -476,15 +508,14 @@ class Guard:
 
     def _ensure_history(self) -> History:
         if self._history is None:
+            embedding = np.array([isinstance(m, (nn.Embedding, nn.EmbeddingBag)) for m in self.layers.modules])
+            # Keep at least a detector window beyond one read's rows, so no row is trimmed before it is judged.
+            keep = max(512, self.log_every + self.thresholds.window + 1)
             self._history = History(list(self.layers.names), np.array(self.layers.numel, dtype=np.float64),
-                                    self._embedding)
-            if self._loaded_history is not None:
-                lh = self._loaded_history
-                self._history.first_totals = list(lh["first_totals"])
-                self._history.first_losses = list(lh["first_losses"])
-                pos = {n: i for i, n in enumerate(lh["order"])}
-                perm = [pos[n] for n in self.layers.names]
-                self._history.first_grads = [np.asarray(g)[perm] for g in lh["first_grads"]]
+                                    embedding, self.ema_beta, keep)
+            if self._pending_state is not None:
+                self._history.load_state_dict(self._pending_state)
+                self._pending_state = None
         return self._history
 
     def _stats_record(self, h: History, rows: np.ndarray) -> dict[str, Any]:
@@ -499,10 +530,10 @@ class Guard:
             "loss": float(last[LOSS]) if h.loss_seen[-1] else None,
             "total_grad_norm": float(last[TOTAL]),
             "total_grad_norm_max": float(np.max(rows[:, TOTAL])),
-            "grad_norm_mean": float(last[MEAN]),
-            "grad_norm_std": float(last[STD]),
-            "loss_mean": float(last[LOSS_MEAN]),
-            "loss_std": float(last[LOSS_STD]),
+            "grad_norm_mean": h.grad_ema.mean,
+            "grad_norm_std": math.sqrt(h.grad_ema.var),
+            "loss_mean": h.loss_ema.mean if h.loss_ema.count else None,
+            "loss_std": math.sqrt(h.loss_ema.var) if h.loss_ema.count else None,
             "grad_norm": per_layer(last[HEAD:]),
         }
         if h.sample_steps:
@@ -524,7 +555,7 @@ class Guard:
             "model": type(self.inner).__name__,
             "optimizer": type(self.optimizer).__name__ if self.optimizer is not None else None,
             "layers": [{"name": n, "numel": k} for n, k in zip(self.layers.names, self.layers.numel)],
-            "options": {"log_every": self.log_every, "sample_every": self.sample_every,
+            "options": {"log_every": self.log_every, "sample_every": self.sample_every, "ema_beta": self.ema_beta,
                         "immediate_nonfinite_check": self.immediate, "thresholds": vars(self.thresholds)},
         }
         (self.log_dir / "meta.json").write_text(json.dumps(meta, indent=2))
@@ -534,17 +565,21 @@ class Guard:
             h.remove()
         self._handles.clear()
         self._order_handles.clear()
-        self._sampler.disarm()
+        self._sampler.close()
         self._snapshot = None
         self._last_inputs = None
 
     def _internal_failure(self, exc: BaseException) -> None:
-        """Report once, switch monitoring off, leave training untouched."""
+        """Report pending statistics if possible, then warn once, switch monitoring off, leave training alone."""
         if self._failed:
             return
+        if not self._draining and self._rows:
+            try:
+                self._drain()  # what was measured before the failure is still reported
+            except Exception:
+                pass
         self._failed = True
         self._remove_hooks()
         tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__, limit=-3))
         warnings.warn(f"gradguard switched itself off after an internal error; training is unaffected. "
                       f"Please report this:\n{tb}", GuardInternalWarning, stacklevel=2)
-

@@ -20,7 +20,7 @@ def history(grads: np.ndarray, losses: np.ndarray | None = None, numel: list[int
                 np.zeros(layers, dtype=bool))
     total = np.sqrt((grads ** 2).sum(1))
     loss = losses if losses is not None else np.full(steps, 2.3)
-    h.append(np.arange(steps), total, np.zeros(steps), total, loss, loss, np.ones(steps, dtype=bool), grads)
+    h.append(np.arange(steps), total, loss, np.ones(steps, dtype=bool), grads)
     return h
 
 
@@ -82,11 +82,16 @@ def test_dead_units_are_units_never_active_in_any_sample() -> None:
     h = history(np.ones((10, 2)))
     masks = [np.array([1, 0, 0, 0.0]), np.array([0, 1, 0, 0.0]), np.array([0, 0, 0, 0.0])]
     for s, m in zip((0, 3, 6), masks):
-        h.acts.append((s, "relu", "active", m))
+        h.add_act(s, "relu", 0, "active", m)
     (v,) = detect_units(h, T)
     assert v.diagnosis.kind == "dead_units" and v.diagnosis.evidence["dead_fraction"] == 0.5  # units 2 and 3
-    h.acts[-1] = (6, "relu", "active", np.array([0, 0, 1, 0.0]))
-    assert detect_units(h, T) == []  # only unit 3 (25%) never fired
+    h.add_act(9, "relu", 0, "active", np.array([1, 0, 1, 0.0]))
+    assert detect_units(h, T) == []  # over the last 3 samples only unit 3 (25%) never fired
+    # Three records of one step (a module called three times, or three micro-batches) are not persistence.
+    h2 = history(np.ones((10, 2)))
+    for _ in range(3):
+        h2.add_act(4, "relu", 0, "active", np.zeros(4))
+    assert detect_units(h2, T) == []
 
 
 def test_reporter_once_on_change_and_after_going_away() -> None:

@@ -51,11 +51,13 @@ def detect_exploding_step(h: History, row: int, t: Thresholds) -> Verdict | None
     if not np.isfinite(total):
         return None  # the nonfinite detector speaks for this step
     step = int(h.steps[row])
-    base = h.baseline_total
+    base = h.baseline_total(step)
     loss = float(h.loss[row]) if h.loss_seen[row] else None
-    base_loss = h.baseline_loss
+    base_loss = h.baseline_loss(step)
     growth = total / base if base else 0.0
-    loss_up = loss is not None and base_loss is not None and (not np.isfinite(loss) or loss > t.loss_rise * base_loss)
+    # "The loss rose": relative to its early level, in a way that also holds for a negative loss.
+    loss_up = (loss is not None and base_loss is not None
+               and (not np.isfinite(loss) or loss - base_loss > (t.loss_rise - 1.0) * abs(base_loss)))
     no_loss = base_loss is None
     if base and (growth > t.growth_factor and (loss_up or (no_loss and growth > 2 * t.growth_factor))):
         layers, layer_growth = _grown_layers(h, row)
@@ -75,7 +77,7 @@ def detect_exploding_step(h: History, row: int, t: Thresholds) -> Verdict | None
     mean = float(h.mean[row])
     # A spike while the loss falls below its running mean is a model finding its way (an LSTM that starts to
     # solve its task), not damage: only spikes without that progress are reported.
-    improving = loss is not None and np.isfinite(loss) and loss < float(h.loss_mean[row])
+    improving = loss is not None and np.isfinite(loss) and loss < float(h.loss_mean[row])  # mean before step
     if (h.finite_count[row] > t.warmup and zscore > t.spike_z and mean > 0 and total > t.spike_ratio * mean
             and not improving):
         layers, layer_growth = _grown_layers(h, row)
@@ -108,7 +110,8 @@ def detect_exploding_window(h: History, t: Thresholds) -> Verdict | None:
                        Diagnosis("exploding", "warning", step, layers, msg, ev, list(REMEDIES)))
     end = len(h.steps)
     if end >= t.window:
-        early, late, ratio, step = layer_flow(h, t.window)
+        early, late, ratio, _ = layer_flow(h, t.window)
+        step = int(h.steps[-1])
         prog = h.progress(end, t.window)
         if ratio is not None and ratio > t.backward_growth and (prog is None or prog < t.progress):
             msg = (f"Gradients grow on their way back to the input: the earliest layers receive {ratio:.3g}x the "

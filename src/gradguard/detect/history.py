@@ -1,9 +1,18 @@
-"""The host-side record the detectors read: every step's statistics since attach (a bounded window)."""
+"""The host-side record the detectors read: every step's statistics since attach (a bounded window), and the
+running statistics derived from it.
+
+The running mean/variance of the total gradient norm and of the loss are computed here, on the host, from the
+exact per-step values that reach it every ``log_every`` steps: the same numbers a device-side EMA would give, at
+no per-step cost on the device.
+"""
 
 from __future__ import annotations
 
+import math
 import warnings
+from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -26,88 +35,147 @@ class Thresholds:
     update_ratio_high: float = 0.1  # ||dw||/||w|| per step; healthy training sits near 1e-3
     backward_growth: float = 1e3  # early-layer / late-layer RMS gradient: exploding toward the input
     vanish_ratio: float = 1e-3  # early-layer / late-layer RMS gradient: vanishing toward the input
-    vanish_update: float = 1e-5  # largest layer ||dw||/||w|| below this: the weights do not move
+    vanish_update: float = 1e-5  # median layer ||dw||/||w|| below this: the weights do not move
     time_ratio: float = 1e-3  # gradient reaching the first 10% of time steps / the last 10%
     progress: float = 0.02  # relative loss improvement over the window that counts as learning
     dead_fraction: float = 0.5  # fraction of a layer's units never active
     saturated_fraction: float = 0.5  # fraction of a squashing layer's outputs on the flat part
-    persist_samples: int = 3  # consecutive activation samples a unit condition must hold
+    persist_samples: int = 3  # activation samples (distinct steps) a unit condition must hold
     cooldown: int = 50  # steps a condition must be absent before it counts as gone
 
 
 @dataclass
+class Ema:
+    """Exponential moving mean and variance of a scalar series; non-finite values are skipped.
+
+    ``mean <- mean + (1 - beta) * d`` and ``var <- beta * (var + (1 - beta) * d^2)`` with ``d = x - mean``
+    (West's incremental weighted variance), the statistic ZClip thresholds; the first finite value sets the mean.
+
+    References:
+        Kumar et al., "ZClip: Adaptive Spike Mitigation for LLM Pre-Training", 2025. Finch, "Incremental
+        calculation of weighted mean and variance", 2009.
+    """
+
+    beta: float
+    mean: float = 0.0
+    var: float = 0.0
+    count: int = 0
+
+    def push(self, x: float) -> tuple[float, float, float]:
+        """Add ``x``; return (mean, std, z-score of ``x``) as they were *before* it (z = 0 until 2 values)."""
+        mean, std = self.mean, math.sqrt(self.var)
+        z = (x - mean) / std if self.count >= 2 and std > 0 and math.isfinite(x) else 0.0
+        if math.isfinite(x):
+            if self.count == 0:
+                self.mean, self.var = x, 0.0
+            else:
+                d = x - self.mean
+                self.mean += (1.0 - self.beta) * d
+                self.var = self.beta * (self.var + (1.0 - self.beta) * d * d)
+            self.count += 1
+        return mean, std, z
+
+
+BASELINE_STEPS = 10  # finite steps whose median is the "early level" growth is measured against
+
+
+@dataclass
 class History:
-    """Per-step statistics on the host, trimmed to the last ``keep`` steps.
+    """Per-step statistics on the host, trimmed to the last ``keep`` steps, with the running statistics.
 
     Attributes:
         layers: layer names in forward order; numel: elements per layer; embedding: which layers are lookups.
-        steps, total, z, mean, loss, loss_mean, loss_seen: per step. grad: (steps, layers) gradient norms, ABSENT=-1.
-        sample_steps, weight, update: per sampled step, per layer weight norms and update norms.
-        acts: (step, module, "active", per-unit 0/1 mask) or (step, module, "saturated", fraction).
-        times: (step, module, early, late, T).
-        baseline_total, baseline_loss: medians of the first finite values, the reference for growth.
+        steps, total, loss, loss_seen: per step. grad: (steps, layers) gradient norms, ABSENT=-1.
+        mean, std, z: running mean/std of the total norm before each step, and that step's z-score.
+        loss_mean, loss_std: running mean/std of the loss before each step. finite_count: finite totals so far.
+        sample_steps, weight, update: per sampled step, per layer weight norms and update norms (-1: no update).
+        acts: (module, call index, "active"|"saturated") -> recent (step, per-unit 0/1 mask | fraction).
+        times: (step, module, early, late, T). activation_order: activation modules in call order.
     """
 
     layers: list[str]
     numel: np.ndarray
     embedding: np.ndarray
+    beta: float = 0.97
     keep: int = 512
     steps: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     total: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    z: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    mean: np.ndarray = field(default_factory=lambda: np.zeros(0))
     loss: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    loss_mean: np.ndarray = field(default_factory=lambda: np.zeros(0))
     loss_seen: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
-    grad: np.ndarray | None = None
+    grad: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+    mean: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    std: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    z: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    loss_mean: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    loss_std: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    finite_count: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     sample_steps: list[int] = field(default_factory=list)
     weight: list[np.ndarray] = field(default_factory=list)
     update: list[np.ndarray] = field(default_factory=list)
-    acts: list[tuple[int, str, str, np.ndarray | float]] = field(default_factory=list)
+    acts: dict[tuple[str, int, str], deque[tuple[int, Any]]] = field(default_factory=dict)
     times: list[tuple[int, str, float, float, int]] = field(default_factory=list)
-    finite_count: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
-    first_totals: list[float] = field(default_factory=list)
-    first_grads: list[np.ndarray] = field(default_factory=list)
-    first_losses: list[float] = field(default_factory=list)
     activation_order: list[str] = field(default_factory=list)
+    grad_ema: Ema = field(init=False)
+    loss_ema: Ema = field(init=False)
+    first_totals: list[tuple[int, float]] = field(default_factory=list)  # (step, total) of the first finite steps
+    first_grads: list[np.ndarray] = field(default_factory=list)
+    first_losses: list[tuple[int, float]] = field(default_factory=list)
+    count0: int = 0  # finite steps seen before this history started (a resumed run)
 
     def __post_init__(self) -> None:
-        if self.grad is None:
-            self.grad = np.zeros((0, len(self.layers)))
+        self.grad = np.zeros((0, len(self.layers)))
+        self.grad_ema = Ema(self.beta)
+        self.loss_ema = Ema(self.beta)
 
-    def append(self, steps: np.ndarray, total: np.ndarray, z: np.ndarray, mean: np.ndarray, loss: np.ndarray,
-               loss_mean: np.ndarray, loss_seen: np.ndarray, grad: np.ndarray) -> None:
-        assert self.grad is not None
-        prior = int(self.finite_count[-1]) if len(self.finite_count) else 0
-        counts = prior + np.cumsum(np.isfinite(total))
-        self.finite_count = np.concatenate([self.finite_count, counts])[-self.keep:]
-        self.steps = np.concatenate([self.steps, steps])[-self.keep:]
-        self.total = np.concatenate([self.total, total])[-self.keep:]
-        self.z = np.concatenate([self.z, z])[-self.keep:]
-        self.mean = np.concatenate([self.mean, mean])[-self.keep:]
-        self.loss = np.concatenate([self.loss, loss])[-self.keep:]
-        self.loss_mean = np.concatenate([self.loss_mean, loss_mean])[-self.keep:]
-        self.loss_seen = np.concatenate([self.loss_seen, loss_seen])[-self.keep:]
-        self.grad = np.concatenate([self.grad, grad])[-self.keep:]
-        for t, g in zip(total, grad):
-            if np.isfinite(t) and len(self.first_totals) < 10:
-                self.first_totals.append(float(t))
-                self.first_grads.append(g.copy())
-        for v, seen in zip(loss, loss_seen):
-            if seen and np.isfinite(v) and len(self.first_losses) < 10:
-                self.first_losses.append(float(v))
+    def append(self, steps: np.ndarray, total: np.ndarray, loss: np.ndarray, loss_seen: np.ndarray,
+               grad: np.ndarray) -> None:
+        """Add rows (one per step, in order) and derive the running statistics for each."""
+        n = len(steps)
+        cols = np.zeros((6, n))
+        count = int(self.finite_count[-1]) if len(self.finite_count) else self.count0
+        counts = np.zeros(n, dtype=np.int64)
+        for i in range(n):
+            t = float(total[i])
+            cols[0, i], cols[1, i], cols[2, i] = self.grad_ema.push(t)
+            if loss_seen[i]:
+                cols[3, i], cols[4, i], _ = self.loss_ema.push(float(loss[i]))
+            else:
+                cols[3, i], cols[4, i] = self.loss_ema.mean, math.sqrt(self.loss_ema.var)
+            if math.isfinite(t):
+                count += 1
+                if len(self.first_totals) < BASELINE_STEPS:
+                    self.first_totals.append((int(steps[i]), t))
+                    self.first_grads.append(grad[i].copy())
+            if loss_seen[i] and math.isfinite(float(loss[i])) and len(self.first_losses) < BASELINE_STEPS:
+                self.first_losses.append((int(steps[i]), float(loss[i])))
+            counts[i] = count
+
+        def cat(old: np.ndarray, new: np.ndarray) -> np.ndarray:
+            return np.concatenate([old, new])[-self.keep:]
+
+        self.steps = cat(self.steps, steps)
+        self.total = cat(self.total, total)
+        self.loss = cat(self.loss, loss)
+        self.loss_seen = cat(self.loss_seen, loss_seen)
+        self.grad = cat(self.grad, grad)
+        self.mean, self.std, self.z = cat(self.mean, cols[0]), cat(self.std, cols[1]), cat(self.z, cols[2])
+        self.loss_mean, self.loss_std = cat(self.loss_mean, cols[3]), cat(self.loss_std, cols[4])
+        self.finite_count = cat(self.finite_count, counts)
         for lst in (self.sample_steps, self.weight, self.update):
             del lst[:-64]
-        del self.acts[:-4096]
         del self.times[:-256]
 
-    @property
-    def baseline_total(self) -> float | None:
-        return float(np.median(self.first_totals)) if len(self.first_totals) >= 3 else None
+    def add_act(self, step: int, module: str, call: int, what: str, value: Any) -> None:
+        self.acts.setdefault((module, call, what), deque(maxlen=8)).append((step, value))
 
-    @property
-    def baseline_loss(self) -> float | None:
-        return float(np.median(self.first_losses)) if len(self.first_losses) >= 3 else None
+    def baseline_total(self, before: int) -> float | None:
+        """Median of the first finite total norms seen before step ``before`` (None with fewer than 3)."""
+        vals = [t for s, t in self.first_totals if s < before]
+        return float(np.median(vals)) if len(vals) >= 3 else None
+
+    def baseline_loss(self, before: int) -> float | None:
+        vals = [v for s, v in self.first_losses if s < before]
+        return float(np.median(vals)) if len(vals) >= 3 else None
 
     @property
     def baseline_grad(self) -> np.ndarray | None:
@@ -115,11 +183,12 @@ class History:
         if len(self.first_grads) < 3:
             return None
         g = np.stack(self.first_grads)
-        return np.nanmedian(np.where(g == ABSENT, np.nan, g), axis=0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return np.nanmedian(np.where(g == ABSENT, np.nan, g), axis=0)
 
     def rms_grad(self, rows: slice | np.ndarray) -> np.ndarray:
         """Root-mean-square gradient per element, per layer (NaN where the layer had no gradient)."""
-        assert self.grad is not None
         g = self.grad[rows]
         return np.where(g == ABSENT, np.nan, g) / np.sqrt(self.numel)
 
@@ -139,6 +208,28 @@ class History:
         first, last = vals[:third].mean(), vals[-third:].mean()
         return float((first - last) / max(abs(first), 1e-12))
 
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to continue: running statistics and early baselines (plain Python values)."""
+        return {
+            "layers": list(self.layers),
+            "grad_ema": vars(self.grad_ema).copy(),
+            "loss_ema": vars(self.loss_ema).copy(),
+            "finite_count": int(self.finite_count[-1]) if len(self.finite_count) else self.count0,
+            "first_totals": [list(x) for x in self.first_totals],
+            "first_losses": [list(x) for x in self.first_losses],
+            "first_grads": [g.tolist() for g in self.first_grads],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pos = {n: i for i, n in enumerate(state["layers"])}
+        perm = [pos[n] for n in self.layers]  # saved in the old layer order; ours may differ
+        self.grad_ema = Ema(**state["grad_ema"])
+        self.loss_ema = Ema(**state["loss_ema"])
+        self.count0 = int(state["finite_count"])
+        self.first_totals = [(int(s), float(t)) for s, t in state["first_totals"]]
+        self.first_losses = [(int(s), float(v)) for s, v in state["first_losses"]]
+        self.first_grads = [np.asarray(g, dtype=np.float64)[perm] for g in state["first_grads"]]
+
 
 def update_ratios(h: History, n: int) -> np.ndarray | None:
     """(n, layers) update-to-weight ratios ||dw||/||w|| of the last ``n`` sampled steps inside the history window.
@@ -156,24 +247,23 @@ def update_ratios(h: History, n: int) -> np.ndarray | None:
     return r if np.isfinite(r).any(axis=1).all() else None
 
 
-def layer_flow(h: History, window: int) -> tuple[list[str], list[str], float | None, int]:
-    """Early vs late layers' RMS gradient over the window (median per layer), lookup layers left out.
+def layer_flow(h: History, window: int) -> tuple[list[str], list[str], float | None, np.ndarray]:
+    """Early vs late layers' RMS gradient over the last ``window`` steps (median per layer), lookups left out.
 
     Returns:
-        (early layer names, late layer names, median early RMS / median late RMS, last step).
+        (early layer names, late layer names, median early RMS / median late RMS or None, per-layer RMS).
     """
     rows = slice(len(h.steps) - window, len(h.steps))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         rms = np.nanmedian(h.rms_grad(rows), axis=0)
     usable = [i for i in range(len(h.layers)) if not h.embedding[i] and np.isfinite(rms[i]) and rms[i] >= 0]
-    step = int(h.steps[-1])
     if len(usable) < 2:
-        return [], [], None, step
+        return [], [], None, rms
     q = max(1, len(usable) // 4)
     early_i, late_i = usable[:q], usable[-q:]
     late = float(np.median(rms[late_i]))
     early = float(np.median(rms[early_i]))
     if late <= 0:
-        return [], [], None, step
-    return [h.layers[i] for i in early_i], [h.layers[i] for i in late_i], early / late, step
+        return [], [], None, rms
+    return [h.layers[i] for i in early_i], [h.layers[i] for i in late_i], early / late, rms

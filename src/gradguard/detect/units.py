@@ -30,19 +30,19 @@ def detect_units(h: History, t: Thresholds) -> list[Verdict]:
         Lu et al., "Dying ReLU and Initialization: Theory and Numerical Examples", 2019. Glorot & Bengio, AISTATS
         2010 (sigmoid saturation in deep networks).
     """
-    by: dict[tuple[str, str], list[tuple[int, np.ndarray | float]]] = {}
-    for s, name, what, value in h.acts:
-        by.setdefault((name, what), []).append((s, value))
     last_act = h.activation_order[-1] if h.activation_order else None
     out: list[Verdict] = []
     n = t.persist_samples
-    for (name, what), recs in by.items():
-        recent = recs[-n:]
-        if len(recent) < n:
-            continue
+    for (name, call, what), recs in h.acts.items():
+        recent = list(recs)[-n:]
+        if len(recent) < n or len({s for s, _ in recent}) < n:
+            continue  # persistence means n different sampled steps
         step = recent[-1][0]
         prev = _preceding_layer(h, name)
         layers = [name] + ([prev] if prev else [])
+        calls = sum(1 for (m, _, w) in h.acts if m == name and w == what)
+        where = f"'{name}'" + (f" (call {call + 1} of {calls} in a forward pass)" if calls > 1 else "")
+        key = (name, str(call))
         if what == "active":
             masks = [np.asarray(v) for _, v in recent]
             if len({m.shape for m in masks}) != 1:
@@ -52,10 +52,10 @@ def detect_units(h: History, t: Thresholds) -> list[Verdict]:
             if frac < t.dead_fraction:
                 continue
             sev = "error" if frac >= 0.9 else "warning"
-            msg = (f"{100 * frac:.0f}% of the units after '{name}' never activate (output <= 0 for every sample of "
+            msg = (f"{100 * frac:.0f}% of the units after {where} never activate (output 0 for every sample of "
                    f"the last {n} sampled batches). Dead units pass no gradient, so their incoming weights never "
                    "update again; the layer has lost that much capacity.")
-            out.append(Verdict(("dead_units", name), (sev,), Diagnosis(
+            out.append(Verdict(("dead_units", *key), (sev,), Diagnosis(
                 "dead_units", sev, step, layers, msg, {"dead_fraction": frac, "units": float(masks[0].size),
                                                        "samples": float(n)}, list(DEAD_REMEDIES))))
         elif what == "saturated" and name != last_act:
@@ -63,10 +63,10 @@ def detect_units(h: History, t: Thresholds) -> list[Verdict]:
             if vals.min() < t.saturated_fraction:
                 continue
             frac = float(vals[-1])
-            msg = (f"{100 * frac:.0f}% of the outputs of '{name}' sit on the flat part of the curve, where its slope "
+            msg = (f"{100 * frac:.0f}% of the outputs of {where} sit on the flat part of the curve, where its slope "
                    f"is under 1% of its peak (last {n} sampled batches). Gradients through it are squashed toward "
                    "zero, so the layers before it learn very slowly.")
-            out.append(Verdict(("saturation", name), ("warning",), Diagnosis(
+            out.append(Verdict(("saturation", *key), ("warning",), Diagnosis(
                 "saturation", "warning", step, layers, msg, {"saturated_fraction": frac, "samples": float(n)},
                 list(SAT_REMEDIES))))
     return out

@@ -12,8 +12,6 @@ whose gradients look small at initialisation but which learns, raises nothing:
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 
 from ..types import Diagnosis
@@ -78,7 +76,7 @@ def _evidence(h: History, t: Thresholds, strict: float, step: int, prog_ev: dict
     if v is not None:
         return v
 
-    early, late, ratio, _ = layer_flow(h, t.window)
+    early, late, ratio, rms = layer_flow(h, t.window)
     ratio_hit = ratio is not None and ratio < t.vanish_ratio * strict
     upd = update_ratios(h, 3)
     med_upd = float(np.nanmax(np.nanmedian(upd, axis=1))) if upd is not None else None
@@ -98,10 +96,6 @@ def _evidence(h: History, t: Thresholds, strict: float, step: int, prog_ev: dict
                    " Half the layers do not change their weights at all.")
     if ratio_hit:
         assert ratio is not None
-        rows = slice(len(h.steps) - t.window, len(h.steps))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            rms = np.nanmedian(h.rms_grad(rows), axis=0)
         late_rms = float(np.median([rms[h.layers.index(n)] for n in late]))
         rel = {n: float(rms[i]) / late_rms for i, n in enumerate(h.layers)
                if not h.embedding[i] and np.isfinite(rms[i])}

@@ -16,8 +16,9 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-RELU_FAMILY = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.CELU, nn.SELU, nn.GELU, nn.SiLU,
-               nn.Hardswish, nn.Mish)
+# Activations whose output and gradient are exactly zero on the negative side, so a unit can die. LeakyReLU,
+# PReLU, ELU, GELU, SiLU and the like keep a gradient there: they cannot die, and are not watched for it.
+HARD_ZERO = (nn.ReLU, nn.ReLU6)
 # Activation -> the |output| (or output distance to the asymptote) past which the derivative is < 1% of its peak:
 # sigmoid' = s(1-s) < 0.0025 when s < 0.0025 or s > 0.9975; tanh' = 1 - t^2 < 0.01 when |t| > 0.995.
 SATURATING = (nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Softsign)
@@ -57,11 +58,13 @@ class ActivationSampler:
     """
 
     def __init__(self, named: list[tuple[str, nn.Module]]) -> None:
-        self.act_modules = [(n, m) for n, m in named if isinstance(m, RELU_FAMILY + SATURATING)]
+        self.act_modules = [(n, m) for n, m in named if isinstance(m, HARD_ZERO + SATURATING)]
         self.rnn_modules = [(n, m) for n, m in named if isinstance(m, nn.RNNBase)]
         self.handles: list[RemovableHandle] = []
-        #: filled while armed: (module name, "active"|"saturated", device tensor: per-unit mask | fraction)
-        self.act_records: list[tuple[str, str, torch.Tensor]] = []
+        self.tensor_handles: list[RemovableHandle] = []  # gradient hooks on RNN inputs, removed in take()
+        self.calls: dict[str, int] = {}  # calls of each module in the current forward (a module may be reused)
+        #: filled while armed: (module, call index, "active"|"saturated", device tensor: per-unit mask | fraction)
+        self.act_records: list[tuple[str, int, str, torch.Tensor]] = []
         #: filled during backward: (module name, early-steps grad norm, late-steps grad norm, T)
         self.time_records: list[tuple[str, torch.Tensor, torch.Tensor, int]] = []
         self.call_order: list[str] = []
@@ -83,8 +86,21 @@ class ActivationSampler:
             h.remove()
         self.handles.clear()
 
-    def take(self) -> tuple[list[tuple[str, str, torch.Tensor]], list[tuple[str, torch.Tensor, torch.Tensor, int]],
-                            list[str]]:
+    def close(self) -> None:
+        """Remove every hook, including gradient hooks still waiting for a backward."""
+        self.disarm()
+        self.take()
+
+    def new_forward(self) -> None:
+        """A forward pass of the root module starts: call indices count from zero again."""
+        self.calls.clear()
+
+    def take(self) -> tuple[list[tuple[str, int, str, torch.Tensor]],
+                            list[tuple[str, torch.Tensor, torch.Tensor, int]], list[str]]:
+        """Hand over (and forget) what the last sampled step recorded; drop its gradient hooks."""
+        for h in self.tensor_handles:
+            h.remove()
+        self.tensor_handles.clear()
         out = (self.act_records, self.time_records, self.call_order)
         self.act_records, self.time_records, self.call_order = [], [], []
         return out
@@ -93,18 +109,21 @@ class ActivationSampler:
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
             if not (module.training and torch.is_grad_enabled()) or not isinstance(output, torch.Tensor):
                 return  # only training forwards describe what the optimizer sees
-            self.call_order.append(name)
+            call = self.calls.get(name, 0)
+            self.calls[name] = call + 1
+            if name not in self.call_order:
+                self.call_order.append(name)
             if isinstance(module, SATURATING):
-                self.act_records.append((name, "saturated", saturated_fraction(module, output)))
+                self.act_records.append((name, call, "saturated", saturated_fraction(module, output)))
             else:
-                self.act_records.append((name, "active", active_units(output)))
+                self.act_records.append((name, call, "active", active_units(output)))
         return hook
 
     def _rnn_hook(self, name: str, module: nn.RNNBase) -> Callable[[nn.Module, Any], Any]:
-        time_dim = 1 if module.batch_first else 0
-
         def record(grad: torch.Tensor) -> None:
             g = grad.detach().to(torch.float32)
+            # (T, F) unbatched input; (B, T, F) with batch_first; (T, B, F) otherwise
+            time_dim = 1 if module.batch_first and g.dim() == 3 else 0
             dims = [d for d in range(g.dim()) if d != time_dim]
             per_t = g.square().sum(dim=dims).sqrt() if dims else g.abs()
             steps = per_t.shape[0]
@@ -118,7 +137,8 @@ class ActivationSampler:
             if x.dim() < 2:
                 return None
             if x.requires_grad:
-                x.register_hook(record)  # gradient reaching each time step of the input; the graph is unchanged
+                # gradient reaching each time step of the input; the graph is unchanged
+                self.tensor_handles.append(x.register_hook(record))
                 return None
             # A leaf input (raw data): an alias that requires grad lets us see dL/dx_t. Nothing upstream exists to
             # be affected; this sampled step computes one extra input-gradient product.

@@ -37,16 +37,22 @@ class LayerNorms:
             for g in self.groups:
                 pos = [i for i in g.positions if i in keep]
                 if pos:
-                    idx = torch.tensor([self.layers.layer_of[i] for i in pos], device=self.device)
-                    per_group.append((pos, idx))
+                    per_group.append((pos, self._to_device(torch.tensor([self.layers.layer_of[i] for i in pos]))))
             seen = {self.layers.layer_of[i] for i in present}
             absent = [li not in seen for li in range(self.layers.num_layers)]
-            mask = torch.tensor(absent, device=self.device) if any(absent) else None
+            mask = self._to_device(torch.tensor(absent)) if any(absent) else None
             plan = (per_group, mask)
             if len(self._cache) > 64:  # a loop that changes its pattern every step must not grow memory
                 self._cache.clear()
             self._cache[present] = plan
         return plan
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """Host-built index tensor to the statistics device without blocking: a copy from pageable memory would
+        wait for the device, so stage it in pinned memory first."""
+        if self.device.type == "cpu":
+            return t
+        return t.pin_memory().to(self.device, non_blocking=True)
 
     def __call__(self, tensors: Sequence[torch.Tensor | None]) -> torch.Tensor:
         """Per-layer L2 norms (fp32, on ``self.device``) of ``tensors``, aligned with ``layers.params``.
@@ -61,16 +67,22 @@ class LayerNorms:
         per_group, absent_mask = self._plan(present)
         sq = torch.zeros(self.layers.num_layers, dtype=torch.float32, device=self.device)
         for pos, idx in per_group:
-            group = [tensors[i] for i in pos]
-            # One fused kernel per (device, dtype); fp32 accumulation so bf16/fp16 gradients neither overflow
-            # nor lose the small ones.
-            norms = torch._foreach_norm(group, 2, dtype=torch.float32)  # type: ignore[arg-type]
-            stacked = torch.stack(norms).to(self.device, non_blocking=True)
+            group = [_dense(tensors[i]) for i in pos]  # type: ignore[arg-type]
+            # One fused kernel per (device, dtype); at least fp32 accumulation, so bf16/fp16 gradients neither
+            # overflow nor lose the small ones (float64 stays float64).
+            acc = torch.promote_types(group[0].dtype, torch.float32)
+            norms = torch._foreach_norm(group, 2, dtype=acc)  # type: ignore[arg-type]
+            stacked = torch.stack(norms).to(self.device, torch.float32, non_blocking=True)
             sq.index_add_(0, idx, stacked * stacked)
         out = sq.sqrt()
         if absent_mask is not None:
             out = torch.where(absent_mask, torch.full_like(out, ABSENT), out)
         return out
+
+
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """A sparse gradient (nn.Embedding(sparse=True)) has the norm of its coalesced values."""
+    return t.coalesce().values() if t.is_sparse else t
 
 
 def total_norm(layer_norms: torch.Tensor) -> torch.Tensor:
