@@ -58,7 +58,8 @@ def _stats_device(params: list[nn.Parameter]) -> torch.device:
 
 
 def _closure_given(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
-    return bool(kwargs.get("closure")) or (len(args) > 0 and callable(args[0]))
+    """Whether ``optimizer.step`` was called with a closure (the hooks see ``args = (optimizer, closure)``)."""
+    return kwargs.get("closure") is not None or any(callable(a) for a in args)
 
 
 class Guard:

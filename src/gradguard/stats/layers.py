@@ -33,7 +33,8 @@ def is_compiled(model: nn.Module) -> bool:
     """True for a ``torch.compile``d module (or a wrapper around one): adding submodule hooks would recompile it."""
     m = model
     for _ in range(8):
-        if hasattr(m, "_orig_mod"):
+        # torch.compile(model) wraps it; model.compile() compiles in place and sets _compiled_call_impl
+        if hasattr(m, "_orig_mod") or getattr(m, "_compiled_call_impl", None) is not None:
             return True
         if isinstance(m, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
             m = m.module

@@ -3,7 +3,9 @@
 Used only after a non-finite step was seen: the last forward's inputs are replayed under ``torch.no_grad`` with
 hooks on every module that check outputs, inputs and own parameters for NaN/Inf. These checks read values back
 to the host (a sync) on purpose: they run once, off the per-step path, to answer "where did this come from".
-Buffers (BatchNorm running statistics) and the RNG are restored afterwards, so the replay changes nothing.
+Buffers (BatchNorm running statistics, non-persistent ones too) and the RNG are restored afterwards. What cannot be
+restored is the user's own Python state: a forward that counts its calls, or forward hooks with side effects, sees
+one more call (documented in the README).
 """
 
 from __future__ import annotations
@@ -75,8 +77,8 @@ def locate(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> O
         else:  # inputs already bad: produced by the enclosing module's own code between submodule calls
             found.append(Origin(stack[-1] if stack else "", "between"))
 
-    buffers = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()
-               if not isinstance(v, nn.Parameter)}
+    # Every buffer, persistent or not (BatchNorm statistics, spectral-norm vectors, caches), is put back after.
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
     handles = []
     for m in model.modules():
         handles.append(m.register_forward_pre_hook(pre))
@@ -90,7 +92,6 @@ def locate(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> O
         for h in handles:
             h.remove()
         with torch.no_grad():
-            sd = model.state_dict(keep_vars=True)
-            for k, v in buffers.items():
-                sd[k].copy_(v)
+            for b, saved in buffers:
+                b.copy_(saved)
     return found[0] if found else None
