@@ -86,8 +86,12 @@ class Result:
 
 def train_classifier(model: nn.Module, opt: torch.optim.Optimizer, steps: int, *, batch: int = 64, seed: int = 0,
                      sched: torch.optim.lr_scheduler.LRScheduler | None = None,
-                     hook: Callable[[int], None] | None = None, **guard_kw: object) -> Result:
-    """Train on digits for ``steps`` optimizer steps under a Guard; returns diagnoses, losses, test accuracy."""
+                     hook: Callable[[int], None] | None = None,
+                     on_grads: Callable[[int], None] | None = None, **guard_kw: object) -> Result:
+    """Train on digits for ``steps`` optimizer steps under a Guard; returns diagnoses, losses, test accuracy.
+
+    ``hook(step)`` runs before each forward, ``on_grads(step)`` after backward and before ``optimizer.step()``.
+    """
     xtr, ytr, xte, yte = digits()
     gen = torch.Generator().manual_seed(seed)
     guard_kw.setdefault("console", False)
@@ -101,6 +105,8 @@ def train_classifier(model: nn.Module, opt: torch.optim.Optimizer, steps: int, *
         guard.observe_loss(loss)
         opt.zero_grad()
         loss.backward()
+        if on_grads is not None:
+            on_grads(step)
         opt.step()
         if sched is not None:
             sched.step()

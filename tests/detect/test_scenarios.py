@@ -31,19 +31,25 @@ def kinds(result) -> list[str]:
 
 def test_deep_sigmoid_vanishes_early_layers_named_and_relu_kaiming_is_silent() -> None:
     m = mlp(10, 64, nn.Sigmoid)
-    r = train_classifier(m, torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9), 300)
+    linears = [name for name, mod in m.named_children() if isinstance(mod, nn.Linear)]
+    rms: list[list[float]] = []  # the test's own per-layer RMS gradient, every step, from torch
+
+    def record(step: int) -> None:
+        rms.append([(torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in m[int(n)].parameters()]))
+                     / math.sqrt(sum(p.numel() for p in m[int(n)].parameters()))).item() for n in linears])
+
+    r = train_classifier(m, torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9), 300, on_grads=record)
     assert r.accuracy < 0.3  # the oracle: it really does not learn
     (d,) = [d for d in r.diagnoses if d.kind == "vanishing"]
     assert kinds(r) == ["vanishing"]  # reported once
     assert d.layers[0] in ("0", "2", "4") and "20" not in d.layers  # early layers first, never the head
-    # The evidence is the RMS-gradient ratio, recomputed here from the gradients the Guard recorded.
-    h = r.guard.history
-    window = (h.steps > d.step - 100) & (h.steps <= d.step)
-    grads = np.where(h.grad[window] < 0, np.nan, h.grad[window]) / np.sqrt(h.numel)  # RMS per element
-    rms = np.median(grads, axis=0)
-    assert d.evidence["early_late_ratio"] < 1e-3
-    assert math.isclose(d.evidence["min_layer_ratio"], rms[h.layers.index(d.layers[0])] / np.median(rms[-2:]),
-                        rel_tol=1e-6)
+    # Evidence = median RMS of the first quarter of the 11 layers (2) over the last quarter (2), each layer's
+    # median over the 100 steps up to the diagnosis: recomputed from the test's own gradients.
+    per_layer = np.median(np.array(rms[d.step - 99: d.step + 1]), axis=0)
+    want = np.median(per_layer[:2]) / np.median(per_layer[-2:])
+    assert want < 1e-3 and math.isclose(d.evidence["early_late_ratio"], want, rel_tol=1e-4)
+    first = linears.index(d.layers[0])
+    assert math.isclose(d.evidence["min_layer_ratio"], per_layer[first] / np.median(per_layer[-2:]), rel_tol=1e-4)
 
     torch.manual_seed(0)
     m = mlp(10, 64, nn.ReLU, kaiming)
@@ -53,18 +59,25 @@ def test_deep_sigmoid_vanishes_early_layers_named_and_relu_kaiming_is_silent() -
 
 def test_deep_relu_with_lecun_variance_vanishes_by_absolute_evidence() -> None:
     m = mlp(30, 64, nn.ReLU, lecun)
-    r = train_classifier(m, torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9), 300)
+    linears = [mod for mod in m if isinstance(mod, nn.Linear)]
+    snaps: dict[int, list[torch.Tensor]] = {}
+
+    def record(step: int) -> None:  # the test's own copies of the weights, before every step
+        snaps[step] = [torch.cat([lin.weight.detach().flatten(), lin.bias.detach().flatten()]).clone()
+                       for lin in linears]
+
+    r = train_classifier(m, torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9), 300, on_grads=record)
     assert r.accuracy < 0.3
     van = [d for d in r.diagnoses if d.kind == "vanishing"]
     assert len(van) >= 1
     d = van[0]
-    # Absolute evidence: half the layers move their weights by < 1e-5 of their norm per step over the last three
-    # samples before the diagnosis. Recompute it from the Guard's sampled weight and update norms.
-    h = r.guard.history
-    idx = [i for i, s in enumerate(h.sample_steps) if s <= d.step][-3:]
-    medians = [np.median(np.array(h.update[i]) / np.array(h.weight[i])) for i in idx]
+    # Absolute evidence: over the last three sampled steps (every 25) before the diagnosis, half the layers
+    # move their weights by < 1e-5 of their norm. Recomputed from the test's own weight copies.
+    sampled = [s for s in range(0, d.step + 1, 25)][-3:]
+    medians = [np.median([(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b)).item()
+                          for a, b in zip(snaps[s + 1], snaps[s])]) for s in sampled]
     assert max(medians) < 1e-5
-    assert math.isclose(d.evidence["median_update_ratio"], max(medians), rel_tol=1e-6)
+    assert math.isclose(d.evidence["median_update_ratio"], max(medians), rel_tol=1e-3)
 
 
 @pytest.mark.parametrize("seed,lr", [(0, 1.0), (1, 0.8), (2, 1.5)])
