@@ -195,7 +195,7 @@ def test_no_host_device_sync_per_step_on_cuda() -> None:
     opt = torch.optim.AdamW(m.parameters(), lr=1e-3, fused=True)
     guard = gg.Guard(m, opt, console=False, log_every=1000, sample_every=1000)
     x, y = torch.randn(32, 64, device="cuda"), torch.randint(0, 10, (32,), device="cuda")
-    for warm in range(2):  # first steps build index tensors and optimizer state
+    for _ in range(2):  # first steps build index tensors and optimizer state
         loss = nn.functional.cross_entropy(m(x), y)
         guard.observe_loss(loss)
         opt.zero_grad()

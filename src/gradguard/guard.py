@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from . import __version__
-from .detect.exploding import detect_exploding_step, detect_exploding_window
+from .detect.exploding import detect_exploding_step, detect_exploding_window, step_candidates
 from .detect.history import History, Thresholds
 from .detect.nonfinite import detect_nonfinite
 from .detect.reporter import Reporter, Verdict
@@ -155,7 +155,8 @@ class Guard:
         self._last_inputs: tuple[tuple[Any, ...], dict[str, Any]] | None = None
         self._history: History | None = None
         self._pending_state: dict[str, Any] | None = None
-        self._reporter = Reporter(self.thresholds.cooldown)
+        # A condition checked only on sample steps must not look "gone" between two samples.
+        self._reporter = Reporter(max(self.thresholds.cooldown, 2 * sample_every))
         self._diagnoses: list[Diagnosis] = []
         self._actions: list[Action] = []
         self._handles: list[RemovableHandle] = []
@@ -164,6 +165,7 @@ class Guard:
         self._closed = False
         self._failed = False
         self._draining = False
+        self._acts_seen = 0
 
         self._sinks: list[Sink] = []
         self._stats_sink: JsonlSink | None = None
@@ -336,8 +338,8 @@ class Guard:
             elif self._snapshot is not None:
                 step, wnorm, before = self._snapshot
                 self._snapshot = None
-                diff = torch._foreach_sub([p.detach() for p in self.layers.params], before)
-                self._samples.append((step, wnorm, self._layer_norms(diff)))
+                torch._foreach_sub_(before, [p.detach() for p in self.layers.params])  # in place: w_before - w_after
+                self._samples.append((step, wnorm, self._layer_norms(before)))
             self._end_step()
         except Exception as e:
             self._internal_failure(e)
@@ -483,7 +485,7 @@ class Guard:
 
         verdicts: list[Verdict] = []
         t = self.thresholds
-        for r in range(len(h.steps) - n_rows, len(h.steps)):
+        for r in step_candidates(h, range(len(h.steps) - n_rows, len(h.steps)), self.thresholds):
             step = int(h.steps[r])
             v = detect_nonfinite(h, r, self._origins.pop(step, None))
             if v is not None:
@@ -494,9 +496,11 @@ class Guard:
         # Once NaN/Inf reached the statistics, every other rule reads garbage (a NaN output looks like a dead
         # ReLU): window rules wait until the window is clean again.
         if np.isfinite(h.total[-t.window:]).all():
-            for v in (detect_exploding_window(h, t), detect_vanishing(h, t), *detect_units(h, t)):
-                if v is not None:
-                    verdicts.append(v)
+            window = [detect_exploding_window(h, t), detect_vanishing(h, t)]
+            if h.acts_version != self._acts_seen:  # unit verdicts change only when a new sample arrived
+                self._acts_seen = h.acts_version
+                window += detect_units(h, t)
+            verdicts += [v for v in window if v is not None]
         verdicts.sort(key=lambda v: v.diagnosis.step)
         for v in verdicts:
             d = self._reporter.offer(v)

@@ -7,7 +7,7 @@ import warnings
 import numpy as np
 
 from ..types import Diagnosis
-from .history import History, Thresholds, layer_flow, update_ratios
+from .history import History, Thresholds, layer_flow, nanmedian, update_ratios
 from .reporter import Verdict
 
 REMEDIES = [
@@ -89,6 +89,23 @@ def detect_exploding_step(h: History, row: int, t: Thresholds) -> Verdict | None
     return None
 
 
+def step_candidates(h: History, rows: range, t: Thresholds) -> list[int]:
+    """Rows where a per-step rule (non-finite, growth, spike) could fire: a vectorised pre-filter, so the full
+    per-row rules run on a handful of rows instead of every row of every read.
+
+    Returns:
+        Row indices, ascending.
+    """
+    idx = np.arange(rows.start, rows.stop)
+    total, z = h.total[idx], h.z[idx]
+    bad = ~np.isfinite(total) | (h.loss_seen[idx] & ~np.isfinite(h.loss[idx])) | ~np.isfinite(h.grad[idx]).all(1)
+    base = h.baseline_total(int(h.steps[idx[-1]]) + 1) if len(idx) else None
+    early = h.finite_count[idx] <= len(h.first_totals)  # baseline still forming: judge these rows one by one
+    grow = early | ((total > t.growth_factor * base) if base else np.zeros(len(idx), dtype=bool))
+    spike = z > t.spike_z
+    return [int(i) for i in idx[bad | grow | spike]]
+
+
 def detect_exploding_window(h: History, t: Thresholds) -> Verdict | None:
     """Window rules: update-to-weight ratios far above ~1e-3, or gradients growing toward the input.
 
@@ -96,8 +113,8 @@ def detect_exploding_window(h: History, t: Thresholds) -> Verdict | None:
         Karpathy, "A Recipe for Training Neural Networks", 2019, and the CS231n notes (update/weight ~ 1e-3).
     """
     r = update_ratios(h, 2)
-    if r is not None and np.all(np.nanmedian(r, axis=1) > t.update_ratio_high):
-        med = np.nanmedian(r, axis=1)
+    med = nanmedian(r, axis=1) if r is not None else None
+    if r is not None and med is not None and np.all(med > t.update_ratio_high):
         latest = r[-1]
         order = np.argsort(-np.nan_to_num(latest, nan=-1.0))
         layers = [h.layers[i] for i in order[:5] if np.isfinite(latest[i]) and latest[i] > t.update_ratio_high]

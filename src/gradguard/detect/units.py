@@ -33,6 +33,9 @@ def detect_units(h: History, t: Thresholds) -> list[Verdict]:
     last_act = h.activation_order[-1] if h.activation_order else None
     out: list[Verdict] = []
     n = t.persist_samples
+    ncalls: dict[tuple[str, str], int] = {}
+    for name, _, what in h.acts:
+        ncalls[(name, what)] = ncalls.get((name, what), 0) + 1
     for (name, call, what), recs in h.acts.items():
         recent = list(recs)[-n:]
         if len(recent) < n or len({s for s, _ in recent}) < n:
@@ -40,7 +43,7 @@ def detect_units(h: History, t: Thresholds) -> list[Verdict]:
         step = recent[-1][0]
         prev = _preceding_layer(h, name)
         layers = [name] + ([prev] if prev else [])
-        calls = sum(1 for (m, _, w) in h.acts if m == name and w == what)
+        calls = ncalls[(name, what)]
         where = f"'{name}'" + (f" (call {call + 1} of {calls} in a forward pass)" if calls > 1 else "")
         key = (name, str(call))
         if what == "active":

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..types import Diagnosis
-from .history import History, Thresholds, layer_flow, update_ratios
+from .history import History, Thresholds, layer_flow, nanmedian, update_ratios
 from .reporter import Verdict
 
 REMEDIES_DEPTH = [
@@ -79,7 +79,7 @@ def _evidence(h: History, t: Thresholds, strict: float, step: int, prog_ev: dict
     early, late, ratio, rms = layer_flow(h, t.window)
     ratio_hit = ratio is not None and ratio < t.vanish_ratio * strict
     upd = update_ratios(h, 3)
-    med_upd = float(np.nanmax(np.nanmedian(upd, axis=1))) if upd is not None else None
+    med_upd = float(np.max(nanmedian(upd, axis=1))) if upd is not None else None
     abs_hit = med_upd is not None and med_upd < t.vanish_update * strict
     if not (ratio_hit or abs_hit):
         return None
