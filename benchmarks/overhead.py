@@ -72,6 +72,7 @@ def variants(base: nn.Module, loss_of: LossOf) -> dict[str, Callable[[], None]]:
     make("plain", False, None)
     make("plain + clip_grad_norm_", True, None)
     make("plain + Guard (defaults)", False, {})
+    make("plain + Guard (sample_every=100, log_every=50)", False, {"sample_every": 100, "log_every": 50})
     make("plain + Guard (sample_every=1, log_every=1)", False, {"sample_every": 1, "log_every": 1})
     return out
 
@@ -92,13 +93,15 @@ def bench(name: str, build: Callable[[], tuple[nn.Module, LossOf]], rounds: int,
             for _ in range(steps):
                 vs[n]()
             times[n].append((time.perf_counter() - t0) / steps)
-    plain = statistics.median(times["plain"])
     print(f"\n{name}: {sum(p.numel() for p in base.parameters()) / 1e6:.2f}M parameters, "
-          f"{rounds} rounds x {steps} steps, median per step")
-    print("| variant | ms/step | ratio to plain |\n|---|---|---|")
+          f"{rounds} rounds x {steps} steps; median per step, and median over rounds of the ratio to the plain "
+          "step of the same round (paired: drift between rounds cancels)")
+    print("| variant | ms/step | paired ratio to plain (IQR) |\n|---|---|---|")
     for n in names:
-        med = statistics.median(times[n])
-        print(f"| {n} | {1000 * med:.2f} | {med / plain:.3f}x |")
+        ratios = sorted(a / b for a, b in zip(times[n], times["plain"]))
+        q1, q3 = ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4]
+        print(f"| {n} | {1000 * statistics.median(times[n]):.2f} | {statistics.median(ratios):.3f}x "
+              f"({q1:.3f}-{q3:.3f}) |")
 
 
 def main() -> None:

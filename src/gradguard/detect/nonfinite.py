@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..stats.norms import ABSENT
 from ..stats.sentinel import Origin
 from ..types import Diagnosis
 from .history import History
@@ -48,7 +49,7 @@ def detect_nonfinite(h: History, row: int, origin: Origin | None) -> Verdict | N
             "output": f" It first appears in the forward pass at the output of '{shown}', whose inputs were finite.",
             "between": f" It first appears in the forward pass inside '{shown}', in code between its submodules.",
         }[origin.reason]
-    elif loss_bad or len(bad_layers) == len(h.layers):
+    elif loss_bad or len(bad_layers) == int((g != ABSENT).sum()):  # every layer that had a gradient
         where = (" Every gradient is non-finite, so it was born in the forward pass; construct the Guard with "
                  "nonfinite_check='step' to replay the step and name the module (one small sync per step).")
     elif bad_layers:
