@@ -14,7 +14,7 @@ import platform
 import time
 import traceback
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -147,7 +147,7 @@ class Guard:
         self._row_steps: list[int] = []
         self._row_loss_seen: list[bool] = []
         self._samples: list[tuple[int, torch.Tensor, torch.Tensor | None]] = []
-        self._snapshot: tuple[int, torch.Tensor, list[torch.Tensor]] | None = None
+        self._snapshot: tuple[int, torch.Tensor, list[torch.Tensor] | tuple[torch.Tensor, ...]] | None = None
         self._acts: list[tuple[int, str, int, str, torch.Tensor]] = []
         self._times: list[tuple[int, str, torch.Tensor, torch.Tensor, int]] = []
         self._activation_order: list[str] = []
@@ -410,7 +410,7 @@ class Guard:
             self._origins[self.step] = self._replay()
             self._drain()  # report now, before the optimizer applies this step
 
-    def _layer_norms(self, tensors: list[torch.Tensor | None] | list[torch.Tensor]) -> torch.Tensor:
+    def _layer_norms(self, tensors: Sequence[torch.Tensor | None]) -> torch.Tensor:
         if self._norms is None:
             self._norms = LayerNorms(self.layers, self.device)
         return self._norms(tensors)
@@ -471,43 +471,37 @@ class Guard:
             h.weight.append(flat[off: off + L])
             h.update.append(flat[off + L: off + 2 * L])
             off += 2 * L
-        for step, name, call, what, v in self._acts:
-            k = v.numel()  # shape is host metadata: no sync
+        for step, name, call, what, value in self._acts:
+            k = value.numel()  # shape is host metadata: no sync
             h.add_act(step, name, call, what, flat[off: off + k].copy() if what == "active" else float(flat[off]))
             off += k
-        for step, name, _, _, t in self._times:
-            h.times.append((step, name, float(flat[off]), float(flat[off + 1]), t))
+        for step, name, _, _, steps_t in self._times:
+            h.times.append((step, name, float(flat[off]), float(flat[off + 1]), steps_t))
             off += 2
         if self._activation_order:
             h.activation_order = self._activation_order
         self._rows, self._row_steps, self._row_loss_seen = [], [], []
         self._samples, self._acts, self._times = [], [], []
 
-        verdicts: list[Verdict] = []
-        t = self.thresholds
-        for r in step_candidates(h, range(len(h.steps) - n_rows, len(h.steps)), self.thresholds):
-            step = int(h.steps[r])
-            v = detect_nonfinite(h, r, self._origins.pop(step, None))
-            if v is not None:
-                verdicts.append(v)
-            v = detect_exploding_step(h, r, t)
-            if v is not None:
-                verdicts.append(v)
+        th = self.thresholds
+        found: list[Verdict | None] = []
+        for r in step_candidates(h, range(len(h.steps) - n_rows, len(h.steps)), th):
+            found.append(detect_nonfinite(h, r, self._origins.pop(int(h.steps[r]), None)))
+            found.append(detect_exploding_step(h, r, th))
         # Once NaN/Inf reached the statistics, every other rule reads garbage (a NaN output looks like a dead
         # ReLU): window rules wait until the window is clean again.
-        if np.isfinite(h.total[-t.window:]).all():
-            window = [detect_exploding_window(h, t), detect_vanishing(h, t)]
+        if np.isfinite(h.total[-th.window:]).all():
+            found += [detect_exploding_window(h, th), detect_vanishing(h, th)]
             if h.acts_version != self._acts_seen:  # unit verdicts change only when a new sample arrived
                 self._acts_seen = h.acts_version
-                window += detect_units(h, t)
-            verdicts += [v for v in window if v is not None]
-        verdicts.sort(key=lambda v: v.diagnosis.step)
-        for v in verdicts:
-            d = self._reporter.offer(v)
+                found += detect_units(h, th)
+        verdicts = sorted((v for v in found if v is not None), key=lambda v: v.diagnosis.step)
+        for verdict in verdicts:
+            d = self._reporter.offer(verdict)
             if d is not None:
                 self._diagnoses.append(d)
-                for s in self._sinks:
-                    s.write(d.to_dict())
+                for sink in self._sinks:
+                    sink.write(d.to_dict())
         if self._stats_sink is not None:
             self._stats_sink.write(self._stats_record(h, rows))
 

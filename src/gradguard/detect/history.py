@@ -265,7 +265,7 @@ def layer_flow(h: History, window: int) -> tuple[list[str], list[str], float | N
     """
     key = (len(h.steps), int(h.steps[-1]) if len(h.steps) else -1, window)
     if h._flow_cache is not None and h._flow_cache[0] == key:  # several detectors ask at the same read
-        return h._flow_cache[1]  # type: ignore[no-any-return]
+        return h._flow_cache[1]
     rms = nanmedian(h.rms_grad(slice(len(h.steps) - window, len(h.steps))), axis=0)
     usable = [i for i in range(len(h.layers)) if not h.embedding[i] and np.isfinite(rms[i]) and rms[i] >= 0]
     result: tuple[list[str], list[str], float | None, np.ndarray] = ([], [], None, rms)

@@ -6,7 +6,7 @@ import numpy as np
 
 from ..stats.norms import ABSENT
 from ..stats.sentinel import Origin
-from ..types import Diagnosis
+from ..types import Diagnosis, Severity
 from .history import History
 from .reporter import Verdict
 
@@ -65,7 +65,7 @@ def detect_nonfinite(h: History, row: int, origin: Origin | None) -> Verdict | N
     evidence = {"loss": float(h.loss[row]) if h.loss_seen[row] else float("nan"),
                 "total_grad_norm": float(h.total[row]),
                 "nonfinite_layers": float(bad.sum())}
-    severity = "error"
+    severity: Severity = "error"
     d = Diagnosis("nonfinite", severity, step, layers, msg, evidence, list(REMEDIES))
     # One signature while it lasts: NaN weights after the first bad step are its consequence, not news.
     return Verdict(("nonfinite",), (), d)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..types import Diagnosis
+from ..types import Diagnosis, Severity
 from .history import History, Thresholds
 from .reporter import Verdict
 
@@ -54,7 +54,7 @@ def detect_units(h: History, t: Thresholds) -> list[Verdict]:
             frac = float(1.0 - np.max(np.stack(masks), axis=0).mean())
             if frac < t.dead_fraction:
                 continue
-            sev = "error" if frac >= 0.9 else "warning"
+            sev: Severity = "error" if frac >= 0.9 else "warning"
             msg = (f"{100 * frac:.0f}% of the units after {where} never activate (output 0 for every sample of "
                    f"the last {n} sampled batches). Dead units pass no gradient, so their incoming weights never "
                    "update again; the layer has lost that much capacity.")

@@ -58,8 +58,9 @@ class ActivationSampler:
     """
 
     def __init__(self, named: list[tuple[str, nn.Module]]) -> None:
-        self.act_modules = [(n, m) for n, m in named if isinstance(m, HARD_ZERO + SATURATING)]
-        self.rnn_modules = [(n, m) for n, m in named if isinstance(m, nn.RNNBase)]
+        self.act_modules: list[tuple[str, nn.Module]] = [(n, m) for n, m in named
+                                                         if isinstance(m, HARD_ZERO + SATURATING)]
+        self.rnn_modules: list[tuple[str, nn.RNNBase]] = [(n, m) for n, m in named if isinstance(m, nn.RNNBase)]
         self.handles: list[RemovableHandle] = []
         self.tensor_handles: list[RemovableHandle] = []  # gradient hooks on RNN inputs, removed in take()
         self.calls: dict[str, int] = {}  # calls of each module in the current forward (a module may be reused)
@@ -78,8 +79,8 @@ class ActivationSampler:
             return
         for name, m in self.act_modules:
             self.handles.append(m.register_forward_hook(self._act_hook(name)))
-        for name, m in self.rnn_modules:
-            self.handles.append(m.register_forward_pre_hook(self._rnn_hook(name, m)))
+        for name, rnn in self.rnn_modules:
+            self.handles.append(rnn.register_forward_pre_hook(self._rnn_hook(name, rnn)))
 
     def disarm(self) -> None:
         for h in self.handles:

@@ -71,7 +71,7 @@ class LayerNorms:
             # One fused kernel per (device, dtype); at least fp32 accumulation, so bf16/fp16 gradients neither
             # overflow nor lose the small ones (float64 stays float64).
             acc = torch.promote_types(group[0].dtype, torch.float32)
-            norms = torch._foreach_norm(group, 2, dtype=acc)  # type: ignore[arg-type]
+            norms = torch._foreach_norm(group, 2, dtype=acc)
             stacked = torch.stack(norms).to(self.device, torch.float32, non_blocking=True)
             sq.index_add_(0, idx, stacked * stacked)
         out = sq.sqrt()
