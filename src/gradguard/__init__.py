@@ -1,7 +1,8 @@
 """gradguard: keep the training of deep networks healthy.
 
 Watches every layer's gradients at almost no cost and says, in plain words, when they explode, vanish (through
-depth or through time), turn non-finite, or when units die or saturate.
+depth or through time), turn non-finite, or when units die or saturate; guards the switch between training and
+inference (``gradguard.inference``, and mode checks while a Guard is attached).
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ __version__ = "0.1.0"
 
 from .detect.history import Thresholds  # noqa: E402
 from .guard import Guard, GuardInternalWarning  # noqa: E402
+from .modes import ModeRow, ModeTable, inference, mode_table  # noqa: E402
 from .types import KINDS, Action, Diagnosis  # noqa: E402
 
-__all__ = ["KINDS", "Action", "Diagnosis", "Guard", "GuardInternalWarning", "Thresholds", "__version__"]
+__all__ = ["KINDS", "Action", "Diagnosis", "Guard", "GuardInternalWarning", "ModeRow", "ModeTable", "Thresholds",
+           "__version__", "inference", "mode_table"]

@@ -14,7 +14,7 @@ import platform
 import time
 import traceback
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -24,17 +24,19 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from . import __version__
+from .detect import modes as mode_rules
 from .detect.exploding import detect_exploding_step, detect_exploding_window, step_candidates
 from .detect.history import History, Thresholds
 from .detect.nonfinite import detect_nonfinite
 from .detect.reporter import Reporter, Verdict
 from .detect.units import detect_units
 from .detect.vanishing import detect_vanishing
+from .modes import DELIBERATE_TRAINING, ModeProfile, behaviour_modules
 from .report.sinks import ConsoleSink, JsonlSink, Sink
 from .stats.activations import ActivationSampler
 from .stats.layers import LayerMap, build_layer_map, is_compiled, unwrap
 from .stats.norms import LayerNorms, total_norm
-from .stats.sentinel import Origin, locate
+from .stats.sentinel import Origin, locate, locate_rng, rng_state, same_rng
 from .types import Action, Diagnosis
 
 # Columns of a step row: total gradient norm, loss, then the per-layer gradient norms.
@@ -94,6 +96,13 @@ class Guard:
             to name the module where the NaN/Inf was born.
         thresholds: detector thresholds (``gradguard.Thresholds``).
         ema_beta: decay of the running mean/variance of the total gradient norm and of the loss.
+        frozen: modules deliberately kept in eval mode while training (e.g. frozen BatchNorm); the mode checks
+            leave them, and everything inside them, alone. ``mark_frozen()`` adds more later.
+
+    Mode checks (hooks on the root module only): ``train_mode_inference`` (a forward with gradients off while
+    flag-dependent modules are in training), ``inference_mutates_state`` (buffers changed by such a forward or an
+    eval-mode forward), ``stochastic_inference`` (an eval-mode forward drew random numbers; a replay names the
+    module), ``eval_mode_training`` (the optimizer trains while flag-dependent modules are in eval).
 
     Raises:
         ValueError: no trainable parameter, parameters in the optimizer that the model does not own, bad options.
@@ -112,6 +121,7 @@ class Guard:
         nonfinite_check: str = "auto",
         thresholds: Thresholds | None = None,
         ema_beta: float = 0.97,
+        frozen: Iterable[nn.Module] = (),
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Guard needs a torch.nn.Module, got {type(model).__name__}")
@@ -166,6 +176,15 @@ class Guard:
         self._failed = False
         self._draining = False
         self._acts_seen = 0
+        self._replaying = False  # our own replays must not be judged as the user's forwards
+        self._behaviour: list[tuple[str, nn.Module, ModeProfile]] = behaviour_modules(model)
+        self._frozen: set[int] = set()
+        self.mark_frozen(*frozen)
+        self._forward_stack: list[dict[str, Any]] = []
+        self._eval_in_training: list[tuple[str, nn.Module, ModeProfile]] = []
+        self._devices = sorted({p.device for p in self.layers.params}, key=str)
+        self._tracked_ids = {id(p) for p in self.layers.params}
+        self._scope_cache: dict[int, list[nn.Parameter]] = {}
 
         self._sinks: list[Sink] = []
         self._stats_sink: JsonlSink | None = None
@@ -185,6 +204,7 @@ class Guard:
                 self._handles.append(optimizer.register_step_pre_hook(self._pre_step_hook))
                 self._handles.append(optimizer.register_step_post_hook(self._post_step_hook))
             self._handles.append(model.register_forward_pre_hook(self._forward_pre_hook, with_kwargs=True))
+            self._handles.append(model.register_forward_hook(self._forward_post_hook, always_call=True))
             if not self.compiled:
                 # One-shot: learn the forward order of the layers from the first forward, then remove these.
                 wanted = {id(m) for m in self.layers.modules}
@@ -217,6 +237,13 @@ class Guard:
     def actions(self) -> list[Action]:
         """What repair did (always empty with ``repair=False``)."""
         return list(self._actions)
+
+    def mark_frozen(self, *modules: nn.Module) -> None:
+        """Say that these modules (and everything inside them) are in eval mode on purpose while training, e.g.
+        a frozen BatchNorm during fine-tuning: ``eval_mode_training`` leaves them alone."""
+        for m in modules:
+            for sub in m.modules():
+                self._frozen.add(id(sub))
 
     def observe_loss(self, loss: torch.Tensor | float) -> None:
         """Record this step's loss for the detectors; never synchronises. A no-op after ``close()``.
@@ -323,6 +350,9 @@ class Guard:
         if self._closed or self._failed:
             return
         try:
+            if self._eval_in_training:  # flag-dependent modules were in eval during this step's forward
+                self._emit(mode_rules.eval_mode_training(self.step, self._eval_in_training))
+                self._eval_in_training = []
             if not _closure_given(args, kwargs):
                 self._record_step(snapshot=True)
             # With a closure (LBFGS) the gradients exist only once step() has run it: record in the post hook.
@@ -352,11 +382,96 @@ class Guard:
             self._drain()
 
     def _forward_pre_hook(self, module: nn.Module, args: Any, kwargs: Any) -> None:
-        if not torch.is_grad_enabled():
+        if self._closed or self._failed or self._replaying:
             return
-        self._sampler.new_forward()
-        if self.immediate:
-            self._last_inputs = (args, kwargs)  # references only, kept for a replay if this step turns non-finite
+        try:
+            grad = torch.is_grad_enabled()  # False under no_grad and inference_mode
+            obs: dict[str, Any] = {"grad": grad, "eval": not self.inner.training}
+            if grad:  # a forward that may train: the per-step path, host flags only
+                self._sampler.new_forward()
+                if self.immediate:
+                    self._last_inputs = (args, kwargs)  # references, for a replay if this step turns non-finite
+                if self.optimizer is not None:  # judged at the next optimizer step, if one follows
+                    self._eval_in_training = [b for b in self._behaviour if not b[1].training
+                                              and id(b[1]) not in self._frozen and self._trains(b[0], b[1])]
+            if not grad or obs["eval"]:  # an inference forward: judge the modes from host-side facts only
+                if not grad:
+                    training = [b for b in self._behaviour if b[1].training and id(b[1]) not in DELIBERATE_TRAINING]
+                    if training:
+                        self._emit(mode_rules.train_mode_inference(self.step, training))
+                obs["buffers"] = self._buffer_versions()
+                if obs["eval"] and not any(b[1].training and b[2].stochastic_in_training for b in self._behaviour):
+                    obs["rng"] = rng_state(self._devices)
+                    obs["inputs"] = (args, kwargs)
+            self._forward_stack.append(obs)
+        except Exception as e:
+            self._internal_failure(e)
+
+    def _forward_post_hook(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self._closed or self._failed or self._replaying or not self._forward_stack:
+            return
+        try:
+            obs = self._forward_stack.pop()
+            if "buffers" in obs:
+                changed = self._changed_buffers(obs["buffers"])
+                if changed:
+                    why = "no_grad" if not obs["grad"] else "eval"
+                    self._emit(mode_rules.inference_mutates_state(self.step, changed, why))
+            if "rng" in obs and not same_rng(obs["rng"], rng_state(self._devices)):
+                a, k = obs["inputs"]
+                self._replaying = True
+                try:
+                    where = locate_rng(self.inner, a, k, self._devices)
+                except Exception:
+                    where = []  # the replay only names the module; the finding stands without it
+                finally:
+                    self._replaying = False
+                self._emit(mode_rules.stochastic_inference(self.step, where))
+        except Exception as e:
+            self._internal_failure(e)
+
+    def _trains(self, name: str, module: nn.Module) -> bool:
+        """Whether the optimizer trains parameters in the scope of this module: its own, or (for parameter-free
+        modules such as Dropout) those of the nearest enclosing module that has any."""
+        scope = self._scope_cache.get(id(module))
+        if scope is None:
+            mods = dict(self.inner.named_modules())
+            scope, current = [], module
+            while True:
+                scope = [p for p in current.parameters() if id(p) in self._tracked_ids]
+                if scope or not name:
+                    break
+                name = name.rpartition(".")[0]
+                current = mods[name]
+            self._scope_cache[id(module)] = scope
+        return any(p.requires_grad for p in scope)  # read now: the user may freeze or unfreeze later
+
+    def _buffer_versions(self) -> dict[str, tuple[int, int]]:
+        out = {}
+        for name, b in self.inner.named_buffers():
+            try:
+                out[name] = (id(b), b._version)  # a host-side counter: reading it does not touch the device
+            except RuntimeError:  # an inference tensor has no version counter
+                out[name] = (id(b), -1)
+        return out
+
+    def _changed_buffers(self, before: dict[str, tuple[int, int]]) -> list[str]:
+        after = self._buffer_versions()
+        changed = [n for n, v in after.items() if before.get(n) != v]
+        # BatchNorm's kernel updates running_mean/var without bumping their counters; num_batches_tracked does.
+        for n in list(changed):
+            if n.endswith("num_batches_tracked"):
+                prefix = n[: -len("num_batches_tracked")]
+                changed += [prefix + s for s in ("running_mean", "running_var")
+                            if prefix + s in after and prefix + s not in changed]
+        return sorted(changed)
+
+    def _emit(self, verdict: Verdict) -> None:
+        d = self._reporter.offer(verdict)
+        if d is not None:
+            self._diagnoses.append(d)
+            for sink in self._sinks:
+                sink.write(d.to_dict())
 
     def _order_hook(self, name: str) -> Callable[[nn.Module, Any], None]:
         def hook(module: nn.Module, args: Any) -> None:
@@ -422,11 +537,13 @@ class Guard:
             return None
         args, kwargs = self._last_inputs
         was = {m: m.training for m in self.inner.modules()}
+        self._replaying = True
         try:
             return locate(self.inner, args, kwargs)
         except Exception:
             return None
         finally:
+            self._replaying = False
             for m, flag in was.items():
                 m.training = flag
 
@@ -495,13 +612,8 @@ class Guard:
             if h.acts_version != self._acts_seen:  # unit verdicts change only when a new sample arrived
                 self._acts_seen = h.acts_version
                 found += detect_units(h, th)
-        verdicts = sorted((v for v in found if v is not None), key=lambda v: v.diagnosis.step)
-        for verdict in verdicts:
-            d = self._reporter.offer(verdict)
-            if d is not None:
-                self._diagnoses.append(d)
-                for sink in self._sinks:
-                    sink.write(d.to_dict())
+        for verdict in sorted((v for v in found if v is not None), key=lambda v: v.diagnosis.step):
+            self._emit(verdict)
         if self._stats_sink is not None:
             self._stats_sink.write(self._stats_record(h, rows))
 
@@ -567,6 +679,7 @@ class Guard:
         self._sampler.close()
         self._snapshot = None
         self._last_inputs = None
+        self._forward_stack.clear()
 
     def _internal_failure(self, exc: BaseException) -> None:
         """Report pending statistics if possible, then warn once, switch monitoring off, leave training alone."""

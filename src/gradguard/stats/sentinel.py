@@ -95,3 +95,63 @@ def locate(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> O
             for b, saved in buffers:
                 b.copy_(saved)
     return found[0] if found else None
+
+
+def rng_state(devices: list[torch.device]) -> list[Any]:
+    """A cheap fingerprint of the random generators that ``devices`` use (host-side values, no device sync):
+    the CPU generator's state, and each CUDA generator's Philox offset."""
+    out: list[Any] = [torch.default_generator.get_state()]
+    for d in devices:
+        if d.type == "cuda":
+            gen = torch.cuda.default_generators[d.index if d.index is not None else torch.cuda.current_device()]
+            out.append(gen.get_offset() if hasattr(gen, "get_offset") else gen.get_state())
+    return out
+
+
+def same_rng(a: list[Any], b: list[Any]) -> bool:
+    return len(a) == len(b) and all(torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y
+                                    for x, y in zip(a, b))
+
+
+def locate_rng(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+               devices: list[torch.device]) -> list[str]:
+    """Replay a forward and name the innermost modules whose own forward drew random numbers.
+
+    Runs off the per-step path, once, after an eval-mode forward was seen consuming random numbers. Buffers and
+    the RNG are restored afterwards (see ``locate``).
+
+    Returns:
+        Qualified module names, in call order (empty if the replay drew nothing).
+    """
+    names = {id(m): n for n, m in model.named_modules()}
+    stack: list[tuple[str, list[Any]]] = []
+    consumed: list[str] = []
+    parents_of: dict[str, set[str]] = {}
+
+    def pre(module: nn.Module, inp: Any) -> None:
+        stack.append((names.get(id(module), "?"), rng_state(devices)))
+
+    def post(module: nn.Module, inp: Any, out: Any) -> None:
+        name, before = stack.pop()
+        if not same_rng(before, rng_state(devices)):
+            consumed.append(name)
+            for outer, _ in stack:
+                parents_of.setdefault(outer, set()).add(name)
+
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    handles = []
+    for m in model.modules():
+        handles.append(m.register_forward_pre_hook(pre))
+        handles.append(m.register_forward_hook(post))
+    cuda = sorted({d.index for d in devices if d.type == "cuda" and d.index is not None})
+    try:
+        with torch.random.fork_rng(devices=cuda), torch.no_grad():
+            model(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
+    # innermost: a module that consumed, none of whose descendants did (they would explain it)
+    return [n for n in consumed if not parents_of.get(n)]
