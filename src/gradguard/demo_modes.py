@@ -82,12 +82,14 @@ def main() -> int:
     print(mode_table(model))
 
     x = xte[:32]
+    bn = model[1]
+    assert isinstance(bn, nn.BatchNorm1d) and bn.running_mean is not None
     print("\n== 1. torch.no_grad() alone: the model is still in training mode ==", flush=True)
-    stats = model[1].running_mean.clone()
+    stats = bn.running_mean.clone()
     with torch.no_grad():
         outs = [model(x) for _ in range(3)]
     spread = max((outs[0] - o).abs().max().item() for o in outs[1:])
-    moved = (model[1].running_mean - stats).abs().max().item()
+    moved = (bn.running_mean - stats).abs().max().item()
     print(f"-> the same 32 images, three calls: outputs differ by up to {spread:.3f} (dropout is active)")
     print(f"-> BatchNorm running mean moved by up to {moved:.4f} (validation data overwrote the statistics)")
     with torch.no_grad():  # image 0 normalised among images 1-15, then among images 16-30
@@ -102,7 +104,7 @@ def main() -> int:
     except ValueError as e:
         print(f"-> a batch of one fails in training mode: {e}")
 
-    model[1].running_mean.copy_(stats)
+    bn.running_mean.copy_(stats)  # undo the damage before showing the right way
     print("\n== 2. gradguard.inference(model) ==", flush=True)
     with inference(model):
         outs = [model(x) for _ in range(3)]
