@@ -198,3 +198,18 @@ def test_compiled_and_transformers_models() -> None:
     (d,) = g.diagnoses
     assert d.kind == "train_mode_inference" and "embeddings.dropout" in d.layers and len(d.layers) >= 5
     g.close()
+
+
+def test_spectral_norm_vectors_and_a_guard_without_optimizer() -> None:
+    from torch.nn.utils.parametrizations import spectral_norm
+
+    m = nn.Sequential(spectral_norm(nn.Linear(6, 6)), nn.Linear(6, 2))
+    g = gg.Guard(m, None, console=False)  # no optimizer: the mode checks still watch forwards
+    u = m[0].parametrizations.weight[0]._u.clone()
+    with torch.no_grad():
+        m(torch.randn(3, 6))  # training mode: the power iteration updates _u and _v
+    assert not torch.equal(u, m[0].parametrizations.weight[0]._u)  # the oracle
+    by = {d.kind: d for d in g.diagnoses}
+    assert "'0.parametrizations.weight.0._u'" in by["inference_mutates_state"].message
+    assert by["train_mode_inference"].layers == ["0.parametrizations.weight.0"]  # found by reading its code
+    g.close()
