@@ -158,3 +158,34 @@ def test_transformers_model_from_config() -> None:
     with gg.inference(model):
         got = model(input_ids=ids).last_hidden_state
     assert torch.allclose(got, want) and model.training
+
+
+def test_keep_training_container_reaches_children_and_a_failing_predicate_changes_nothing() -> None:
+    m = nn.Sequential(nn.Linear(4, 4), nn.ModuleList([nn.Dropout(0.5), nn.Linear(4, 4)]))
+    with gg.inference(m, keep_training=m[1]):
+        assert m[1][0].training and m[1][1].training and not m[0].training
+    m[0].eval()
+    before = flags(m)
+
+    def broken(name: str, mod: nn.Module) -> bool:
+        if name == "1.0":
+            raise RuntimeError("bad predicate")
+        return False
+
+    with pytest.raises(RuntimeError, match="bad predicate"), gg.inference(m, keep_training=broken):
+        pass
+    assert flags(m) == before and torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+    from gradguard.modes import DELIBERATE_TRAINING
+
+    assert DELIBERATE_TRAINING == {}  # nothing left marked as kept-in-training
+
+
+def test_dataparallel_wrapper_flag_is_restored() -> None:
+    inner = net()
+    dp = nn.DataParallel(inner)
+    dp.train()
+    inner[1].eval()
+    before = [dp.training, *flags(inner)]
+    with gg.inference(dp):
+        assert not dp.training and not any(flags(inner))
+    assert [dp.training, *flags(inner)] == before

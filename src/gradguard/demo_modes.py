@@ -85,6 +85,7 @@ def main() -> int:
     bn = model[1]
     assert isinstance(bn, nn.BatchNorm1d) and bn.running_mean is not None
     print("\n== 1. torch.no_grad() alone: the model is still in training mode ==", flush=True)
+    trained = {k: v.clone() for k, v in model.state_dict().items()}
     stats = bn.running_mean.clone()
     with torch.no_grad():
         outs = [model(x) for _ in range(3)]
@@ -104,7 +105,7 @@ def main() -> int:
     except ValueError as e:
         print(f"-> a batch of one fails in training mode: {e}")
 
-    bn.running_mean.copy_(stats)  # undo the damage before showing the right way
+    model.load_state_dict(trained)  # undo the damage (all BatchNorm statistics) before showing the right way
     print("\n== 2. gradguard.inference(model) ==", flush=True)
     with inference(model):
         outs = [model(x) for _ in range(3)]

@@ -59,6 +59,10 @@ def _stats_device(params: list[nn.Parameter]) -> torch.device:
     return torch.device("cpu")
 
 
+def _any_requires_grad(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    return any(isinstance(a, torch.Tensor) and a.requires_grad for a in (*args, *kwargs.values()))
+
+
 def _closure_given(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     """Whether ``optimizer.step`` was called with a closure (the hooks see ``args = (optimizer, closure)``)."""
     return kwargs.get("closure") is not None or any(callable(a) for a in args)
@@ -98,6 +102,8 @@ class Guard:
         ema_beta: decay of the running mean/variance of the total gradient norm and of the loss.
         frozen: modules deliberately kept in eval mode while training (e.g. frozen BatchNorm); the mode checks
             leave them, and everything inside them, alone. ``mark_frozen()`` adds more later.
+        stochastic: modules that sample on purpose in eval mode (a VAE's sampler, a diffusion step);
+            ``stochastic_inference`` leaves them alone. ``mark_stochastic()`` adds more later.
 
     Mode checks (hooks on the root module only): ``train_mode_inference`` (a forward with gradients off while
     flag-dependent modules are in training), ``inference_mutates_state`` (buffers changed by such a forward or an
@@ -122,6 +128,7 @@ class Guard:
         thresholds: Thresholds | None = None,
         ema_beta: float = 0.97,
         frozen: Iterable[nn.Module] = (),
+        stochastic: Iterable[nn.Module] = (),
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Guard needs a torch.nn.Module, got {type(model).__name__}")
@@ -185,6 +192,13 @@ class Guard:
         self._devices = sorted({p.device for p in self.layers.params}, key=str)
         self._tracked_ids = {id(p) for p in self.layers.params}
         self._scope_cache: dict[int, list[nn.Parameter]] = {}
+        self._named_modules: dict[str, nn.Module] | None = None
+        self._buffer_slots = [(f"{mn}.{bn}" if mn else bn, m, bn) for mn, m in self.inner.named_modules()
+                              for bn in m._buffers]
+        self._stochastic: set[int] = set()
+        self.mark_stochastic(*stochastic)
+        self._stochastic_where: list[str] | None = None
+        self._rng_explained = False
 
         self._sinks: list[Sink] = []
         self._stats_sink: JsonlSink | None = None
@@ -244,6 +258,13 @@ class Guard:
         for m in modules:
             for sub in m.modules():
                 self._frozen.add(id(sub))
+
+    def mark_stochastic(self, *modules: nn.Module) -> None:
+        """Say that these modules (and everything inside them) draw random numbers in eval mode on purpose:
+        ``stochastic_inference`` leaves them alone."""
+        for m in modules:
+            for sub in m.modules():
+                self._stochastic.add(id(sub))
 
     def observe_loss(self, loss: torch.Tensor | float) -> None:
         """Record this step's loss for the detectors; never synchronises. A no-op after ``close()``.
@@ -386,21 +407,33 @@ class Guard:
             return
         try:
             grad = torch.is_grad_enabled()  # False under no_grad and inference_mode
-            obs: dict[str, Any] = {"grad": grad, "eval": not self.inner.training}
+            outer = not self._forward_stack  # a model may call itself; judge the outermost call
+            obs: dict[str, Any] = {"grad": grad}
             if grad:  # a forward that may train: the per-step path, host flags only
-                self._sampler.new_forward()
-                if self.immediate:
-                    self._last_inputs = (args, kwargs)  # references, for a replay if this step turns non-finite
+                if outer:
+                    self._sampler.new_forward()
+                    if self.immediate:
+                        self._last_inputs = (args, kwargs)  # references, for a replay if this step turns non-finite
                 if self.optimizer is not None:  # judged at the next optimizer step, if one follows
                     self._eval_in_training = [b for b in self._behaviour if not b[1].training
                                               and id(b[1]) not in self._frozen and self._trains(b[0], b[1])]
-            if not grad or obs["eval"]:  # an inference forward: judge the modes from host-side facts only
-                if not grad:
-                    training = [b for b in self._behaviour if b[1].training and id(b[1]) not in DELIBERATE_TRAINING]
-                    if training:
-                        self._emit(mode_rules.train_mode_inference(self.step, training))
+            elif _any_requires_grad(args, kwargs):
+                # Reentrant activation checkpointing runs a training forward under no_grad (and again in
+                # backward): not an evaluation.
+                outer = False
+            # An inference forward: gradients off, or nothing with train/eval behaviour in training mode (a
+            # frozen backbone in eval with a head in training is still training).
+            training_mods = [b for b in self._behaviour if b[1].training]
+            if outer and (not grad or (not self.inner.training and not training_mods)):
+                deliberate = [b for b in training_mods if id(b[1]) in DELIBERATE_TRAINING]
+                if not grad and len(deliberate) < len(training_mods):
+                    rest = [b for b in training_mods if id(b[1]) not in DELIBERATE_TRAINING]
+                    # model.eval() then dropout.train() by hand: Monte-Carlo dropout, most likely on purpose
+                    by_hand_mc = not self.inner.training and all(
+                        b[2].stochastic_in_training and not b[2].mutates_state_in_training for b in rest)
+                    self._emit(mode_rules.train_mode_inference(self.step, rest, by_hand_mc))
                 obs["buffers"] = self._buffer_versions()
-                if obs["eval"] and not any(b[1].training and b[2].stochastic_in_training for b in self._behaviour):
+                if not training_mods and not self._rng_explained:
                     obs["rng"] = rng_state(self._devices)
                     obs["inputs"] = (args, kwargs)
             self._forward_stack.append(obs)
@@ -418,41 +451,59 @@ class Guard:
                     why = "no_grad" if not obs["grad"] else "eval"
                     self._emit(mode_rules.inference_mutates_state(self.step, changed, why))
             if "rng" in obs and not same_rng(obs["rng"], rng_state(self._devices)):
-                a, k = obs["inputs"]
-                self._replaying = True
-                try:
-                    where = locate_rng(self.inner, a, k, self._devices)
-                except Exception:
-                    where = []  # the replay only names the module; the finding stands without it
-                finally:
-                    self._replaying = False
-                self._emit(mode_rules.stochastic_inference(self.step, where))
+                self._on_stochastic_eval(*obs["inputs"])
         except Exception as e:
             self._internal_failure(e)
+
+    def _on_stochastic_eval(self, args: Any, kwargs: Any) -> None:
+        """An eval forward drew random numbers: name the module with one replay (not one per forward: while the
+        condition is reported and active, later forwards only keep it alive)."""
+        if self._stochastic_where is None or ("stochastic_inference",) not in self._reporter.active:
+            self._replaying = True
+            try:
+                where = locate_rng(self.inner, args, kwargs, self._devices)
+            except Exception:
+                where = []  # the replay only names the module; the finding stands without it
+            finally:
+                self._replaying = False
+            marked = [n for n in where if id(self._modules_by_name().get(n)) in self._stochastic]
+            if where and len(marked) == len(where):
+                self._rng_explained = True  # only modules the user declared stochastic: stop checking
+                return
+            self._stochastic_where = [n for n in where if n not in marked]
+        self._emit(mode_rules.stochastic_inference(self.step, self._stochastic_where))
+
+    def _modules_by_name(self) -> dict[str, nn.Module]:
+        if self._named_modules is None:
+            self._named_modules = dict(self.inner.named_modules())
+        return self._named_modules
 
     def _trains(self, name: str, module: nn.Module) -> bool:
         """Whether the optimizer trains parameters in the scope of this module: its own, or (for parameter-free
         modules such as Dropout) those of the nearest enclosing module that has any."""
         scope = self._scope_cache.get(id(module))
         if scope is None:
-            mods = dict(self.inner.named_modules())
-            scope, current = [], module
-            while True:
-                scope = [p for p in current.parameters() if id(p) in self._tracked_ids]
-                if scope or not name:
-                    break
+            mods = self._modules_by_name()
+            current = module
+            while not any(True for _ in current.parameters()) and name:  # nearest module that has parameters
                 name = name.rpartition(".")[0]
                 current = mods[name]
+            scope = [p for p in current.parameters() if id(p) in self._tracked_ids]
             self._scope_cache[id(module)] = scope
         return any(p.requires_grad for p in scope)  # read now: the user may freeze or unfreeze later
 
     def _buffer_versions(self) -> dict[str, tuple[int, int]]:
+        """(identity, version counter) of every buffer known at attach; the counter is host-side, reading it does
+        not touch the device. Buffers are looked up by owner and name, so a reassigned buffer is seen."""
         out = {}
-        for name, b in self.inner.named_buffers():
+        for qual, owner, key in self._buffer_slots:
+            b = owner._buffers.get(key)
+            if b is None:
+                continue
             try:
-                out[name] = (id(b), b._version)  # a host-side counter: reading it does not touch the device
-            except RuntimeError:  # an inference tensor has no version counter
-                out[name] = (id(b), -1)
+                out[qual] = (id(b), b._version)
+            except RuntimeError:  # an inference tensor has no version counter: only reassignment is seen
+                out[qual] = (id(b), -1)
         return out
 
     def _changed_buffers(self, before: dict[str, tuple[int, int]]) -> list[str]:

@@ -8,8 +8,10 @@ tracking. ``gradguard.inference`` does both, and on exit gives every module back
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import inspect
+import textwrap
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from types import TracebackType
@@ -28,24 +30,24 @@ _READS_FLAG: dict[type, bool] = {}
 
 
 def _reads_training_flag(cls: type) -> bool:
-    """Whether the class's own forward (or a helper defined on it) reads ``self.training``. Looked at once per
-    class; a class whose source cannot be read counts as not reading it."""
+    """Whether the forward that ``cls`` runs reads ``self.training`` (an attribute access in its code, found with
+    ``ast``: docstrings, comments and other methods do not count). Looked at once per class; a class whose source
+    cannot be read counts as not reading it."""
     if cls not in _READS_FLAG:
-        _READS_FLAG[cls] = _source_reads_flag(cls)
+        _READS_FLAG[cls] = _forward_reads_flag(cls)
     return _READS_FLAG[cls]
 
 
-def _source_reads_flag(cls: type) -> bool:
-    for klass in cls.__mro__:
-        if klass in (nn.Module, object):
-            break
-        try:
-            src = inspect.getsource(klass)
-        except (OSError, TypeError):
-            continue
-        if "self.training" in src:
-            return True
-    return False
+def _forward_reads_flag(cls: type) -> bool:
+    forward = getattr(cls, "forward", None)
+    if forward is None or forward is nn.Module.forward:
+        return False
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(forward)))
+    except (OSError, TypeError, SyntaxError):
+        return False
+    return any(isinstance(node, ast.Attribute) and node.attr == "training" and isinstance(node.value, ast.Name)
+               and node.value.id == "self" for node in ast.walk(tree))
 
 
 @dataclass(frozen=True)
@@ -66,16 +68,20 @@ class ModeProfile:
 
 def profile(module: nn.Module) -> ModeProfile:
     """The ModeProfile of one module (its own behaviour, not its children's)."""
-    stochastic = isinstance(module, DROPOUT_TYPES + (nn.RReLU,)) and getattr(module, "p", 1.0) != 0
+    stochastic = isinstance(module, nn.RReLU) or (isinstance(module, DROPOUT_TYPES)
+                                                  and float(getattr(module, "p", 1.0)) > 0)
     if isinstance(module, nn.RNNBase):
-        stochastic = module.dropout > 0 and module.num_layers > 1
+        stochastic = bool(module.dropout > 0 and module.num_layers > 1)
     if isinstance(module, nn.MultiheadAttention):
-        stochastic = module.dropout > 0
+        stochastic = bool(module.dropout > 0)
     mutates = isinstance(module, NORM_TYPES) and bool(getattr(module, "track_running_stats", False))
-    # Norm layers without running statistics compute the same in both modes; any other code that reads
-    # self.training is found by looking at it once.
-    changes = (stochastic or mutates or isinstance(module, DROPOUT_TYPES + (nn.RReLU,))
-               or (not isinstance(module, NORM_TYPES) and _reads_training_flag(type(module))))
+    if type(module).__module__.startswith("torch.nn.modules."):
+        # torch's own layers are judged by what they do: a Dropout with p=0, an LSTM without dropout, a norm
+        # without running statistics or a transformer layer whose fast path depends on the flag compute the same
+        # numbers in both modes.
+        changes = bool(stochastic or mutates)
+    else:  # anyone else's code: does its forward read self.training?
+        changes = bool(stochastic or mutates or _reads_training_flag(type(module)))
     return ModeProfile(stochastic, mutates, changes)
 
 
@@ -105,11 +111,11 @@ def _selector(keep: KeepTraining) -> Callable[[str, nn.Module], bool]:
         types = keep
         return lambda name, m: isinstance(m, types)
     if isinstance(keep, nn.Module):
-        ids = {id(keep)}
+        ids = {id(x) for x in keep.modules()}  # a container keeps its children in training too
         return lambda name, m: id(m) in ids
     if callable(keep):
         return keep
-    ids = {id(m) for m in keep}
+    ids = {id(x) for m in keep if isinstance(m, nn.Module) for x in m.modules()}
     return lambda name, m: id(m) in ids
 
 
@@ -159,15 +165,22 @@ class inference(contextlib.ContextDecorator):  # noqa: N801 - used like a functi
         mods = list(unwrap(self.model).named_modules())
         if self.model is not mods[0][1]:
             mods.insert(0, ("", self.model))  # the wrapper's own flag is restored too
+        # Decide everything before changing anything: a failing predicate leaves the model untouched.
+        wanted = [bool(keep(name, m)) and not isinstance(m, NORM_TYPES) for name, m in mods]
         self._saved = [(m, m.training) for _, m in mods]
         self._kept = []
-        for name, m in mods:
-            m.training = bool(keep(name, m)) and not isinstance(m, NORM_TYPES)
-            if m.training:
-                self._kept.append(id(m))
-                DELIBERATE_TRAINING[id(m)] = DELIBERATE_TRAINING.get(id(m), 0) + 1
-        self._grad_ctx = torch.inference_mode() if self.grad == "inference_mode" else torch.no_grad()
-        self._grad_ctx.__enter__()
+        try:
+            for (_, m), flag in zip(mods, wanted):
+                m.training = flag
+                if flag:
+                    self._kept.append(id(m))
+                    DELIBERATE_TRAINING[id(m)] = DELIBERATE_TRAINING.get(id(m), 0) + 1
+            self._grad_ctx = torch.inference_mode() if self.grad == "inference_mode" else torch.no_grad()
+            self._grad_ctx.__enter__()
+        except BaseException:
+            self._grad_ctx = None
+            self.__exit__(None, None, None)
+            raise
         return self.model
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,

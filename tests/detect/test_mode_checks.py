@@ -213,3 +213,91 @@ def test_spectral_norm_vectors_and_a_guard_without_optimizer() -> None:
     assert "'0.parametrizations.weight.0._u'" in by["inference_mutates_state"].message
     assert by["train_mode_inference"].layers == ["0.parametrizations.weight.0"]  # found by reading its code
     g.close()
+
+
+def test_layers_that_compute_the_same_in_both_modes_are_not_flagged() -> None:
+    m = nn.Sequential(nn.Linear(6, 6), nn.Dropout(0.0), nn.LayerNorm(6), nn.Linear(6, 2))
+    m, opt, g = setup(m)
+    train_steps(m, opt, g)
+    with torch.no_grad():
+        m(torch.randn(4, 6))  # training mode, but nothing here depends on it
+    rnn = nn.LSTM(6, 6, num_layers=2, dropout=0.0)
+    assert [r.name for r in gg.mode_table(rnn)] == [""]  # only the root row: the LSTM has no dropout
+    assert g.diagnoses == []
+    g.close()
+
+
+def test_frozen_backbone_in_eval_with_a_training_head_is_training() -> None:
+    class TwoPart(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.backbone = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Dropout(0.2))
+            self.head = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.backbone(x))
+
+    m = TwoPart()
+    m.backbone.requires_grad_(False)
+    opt = torch.optim.SGD(m.head.parameters(), lr=0.01)
+    g = gg.Guard(m, opt, console=False)
+    m.eval()
+    m.head.train()  # fine-tune the head only; the frozen backbone stays in eval on purpose
+    train_steps(m, opt, g)
+    assert g.diagnoses == []  # the head's BatchNorm updating during training is not an "inference" change
+    g.close()
+
+
+def test_reentrant_checkpoint_of_the_root_is_not_an_evaluation() -> None:
+    from torch.utils.checkpoint import checkpoint
+
+    m = Net()
+    opt = torch.optim.SGD(m.parameters(), lr=0.01)
+    g = gg.Guard(m, opt, console=False)
+    for _ in range(2):
+        x = torch.randn(8, 6, requires_grad=True)
+        loss = checkpoint(m, x, use_reentrant=True).square().mean()  # forward runs under no_grad
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert g.diagnoses == []
+    g.close()
+
+
+def test_monte_carlo_dropout_by_hand_is_information_and_marked_sampling_is_silent() -> None:
+    m, opt, g = setup()
+    train_steps(m, opt, g)
+    m.eval()
+    m.drop.train()  # MC dropout without gradguard.inference
+    with torch.no_grad():
+        m(torch.randn(4, 6))
+    (d,) = g.diagnoses
+    assert d.kind == "train_mode_inference" and d.severity == "info" and "keep_training" in d.message
+    g.close()
+
+    class Sampler(nn.Module):  # a VAE-style sampler: random in eval on purpose
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + torch.randn_like(x)
+
+    m2 = nn.Sequential(nn.Linear(6, 6), Sampler())
+    g2 = gg.Guard(m2, None, console=False, stochastic=[m2[1]])
+    with gg.inference(m2):
+        for _ in range(3):
+            m2(torch.randn(2, 6))
+    assert g2.diagnoses == []
+    g2.close()
+
+
+def test_stochastic_eval_replays_once_not_per_forward(monkeypatch) -> None:
+    import gradguard.guard as guard_module
+
+    calls = []
+    real = guard_module.locate_rng
+    monkeypatch.setattr(guard_module, "locate_rng", lambda *a: calls.append(1) or real(*a))
+    m = nn.Sequential(nn.Linear(6, 6), SloppyDropout(), nn.Linear(6, 2))
+    g = gg.Guard(m, None, console=False)
+    with gg.inference(m):
+        for _ in range(20):
+            m(torch.randn(4, 6))
+    assert len(calls) == 1 and [d.layers for d in g.diagnoses] == [["1"]]
+    g.close()

@@ -30,14 +30,24 @@ def _consequences(profiles: list[tuple[str, nn.Module, ModeProfile]]) -> str:
     return "; ".join(parts)
 
 
-def train_mode_inference(step: int, training: list[tuple[str, nn.Module, ModeProfile]]) -> Verdict:
+def train_mode_inference(step: int, training: list[tuple[str, nn.Module, ModeProfile]],
+                         by_hand_mc: bool = False) -> Verdict:
     """A forward with gradients disabled while flag-dependent modules were in training mode.
 
     Args:
         step: optimizer steps taken so far.
         training: the flag-dependent modules that were in training mode.
+        by_hand_mc: the model is in eval and only dropout-like modules are in training, as Monte-Carlo dropout
+            done by hand looks: said as information, not as an error.
     """
     names = [n for n, _, _ in training]
+    if by_hand_mc:
+        msg = (f"An eval-mode forward with gradients off ran with {len(names)} dropout module(s) in training mode: "
+               f"{_list(names)}. If this is Monte-Carlo dropout, say so with gradguard.inference(model, "
+               "keep_training=...) and this note goes away; if not, outputs differ on every call.")
+        d = Diagnosis("train_mode_inference", "info", step, names, msg, {"modules_in_training": float(len(names))},
+                      [FIX_EVAL])
+        return Verdict(("train_mode_inference",), (tuple(names), "info"), d)
     msg = (f"A forward ran with gradients off (an evaluation) while {len(names)} module(s) whose behaviour depends "
            f"on the training flag were in training mode: {_list(names)}. {_capital(_consequences(training))}. "
            "torch.no_grad()/inference_mode() only stop gradient tracking; they do not switch modes.")
@@ -80,6 +90,7 @@ def stochastic_inference(step: int, modules: list[str]) -> Verdict:
     d = Diagnosis("stochastic_inference", "error", step, modules, msg, {"modules": float(len(modules))}, [
         "pass the module's flag: F.dropout(x, p, training=self.training)",
         "for attention: dropout_p=self.p if self.training else 0.0",
+        "if the module samples on purpose (a VAE, a diffusion step), say so: guard.mark_stochastic(module)",
     ])
     return Verdict(("stochastic_inference",), (tuple(modules),), d)
 
