@@ -17,7 +17,7 @@ import gradguard as gg
 import gradguard.guard as guard_module
 from benchmarks.overhead import gpt2, mlp48
 
-ENTRY_POINTS = ("_pre_step_hook", "_post_step_hook", "observe_loss", "_forward_pre_hook")
+ENTRY_POINTS = ("_pre_step_hook", "_post_step_hook", "observe_loss", "_forward_pre_hook", "_forward_post_hook")
 
 
 _SPENT: dict[str, list[float]] = defaultdict(list)
