@@ -1,0 +1,55 @@
+"""gradguard run on unmodified scripts: arguments, output, exit codes and diagnoses preserved end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+FIXTURE = Path(__file__).parent / "fixtures" / "train_digits.py"
+
+
+def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "gradguard", "run", *args], capture_output=True, text=True,
+                          timeout=300, cwd=cwd)
+
+
+def test_script_runs_as_itself_and_is_watched(tmp_path) -> None:
+    out = run("--out", str(tmp_path / "r"), "--log-every", "5", str(FIXTURE), "--steps", "150", "--exit", "3")
+    assert out.returncode == 3, out.stderr  # sys.exit(3) in the script
+    assert "argv=['--steps', '150', '--exit', '3'] name=__main__" in out.stdout
+    events = [json.loads(x) for x in (tmp_path / "r" / "events.jsonl").read_text().splitlines()]
+    assert [e["kind"] for e in events] == ["vanishing"] and events[0]["layers"][0] in ("0", "2")
+    meta = json.loads((tmp_path / "r" / "meta.json").read_text())
+    assert meta["model"] == "Sequential" and meta["optimizer"] == "SGD" and meta["options"]["log_every"] == 5
+    assert "step 99 warning: vanishing" in out.stderr and "watched Sequential + SGD" in out.stderr
+
+
+def test_crash_shows_the_traceback_as_python_would(tmp_path) -> None:
+    out = run("--out", str(tmp_path / "r"), str(FIXTURE), "--crash")
+    plain = subprocess.run([sys.executable, str(FIXTURE), "--crash"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == plain.returncode == 1
+    tail = "\n".join(plain.stderr.strip().splitlines()[-3:])  # the script's own frame and the error
+    assert tail in out.stderr
+    assert (tmp_path / "r" / "stats.jsonl").read_text()  # logs flushed before exiting
+
+
+def test_command_errors(tmp_path) -> None:
+    missing = run(str(tmp_path / "nope.py"))
+    assert missing.returncode == 2 and "no such script" in missing.stderr
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    unwritable = run("--out", str(blocker / "sub"), str(FIXTURE))
+    assert unwritable.returncode == 2 and "cannot write the run directory" in unwritable.stderr
+
+
+def test_default_run_directory(tmp_path) -> None:
+    script = tmp_path / "tiny.py"
+    script.write_text(
+        "import torch\nm = torch.nn.Linear(3, 1)\nopt = torch.optim.SGD(m.parameters(), lr=0.1)\n"
+        "for _ in range(3):\n    opt.zero_grad(); m(torch.randn(4, 3)).sum().backward(); opt.step()\n")
+    out = run(str(script), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    (run_dir,) = (tmp_path / "gradguard-runs").iterdir()
+    assert run_dir.name.startswith("tiny-") and (run_dir / "meta.json").exists()
