@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import gradguard as gg
-from gradguard.demo import digits, kaiming, mlp  # noqa: F401 - shared with the tests
+from gradguard.demo import Recurrent, adding_batch, digits, kaiming, mlp  # noqa: F401 - shared with the tests
 
 
 def lecun(lin: nn.Linear) -> None:
@@ -48,32 +48,6 @@ class DigitsTransformer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.embed(x.view(-1, 8, 8)) + self.pos
         return self.head(self.norm(self.encoder(h)).mean(1))
-
-
-def adding_batch(batch: int, length: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """The adding problem: (value, marker) pairs; the target is the sum of the two marked values."""
-    values = torch.rand(batch, length, generator=gen)
-    marks = torch.zeros(batch, length)
-    half = length // 2
-    i = torch.randint(0, half, (batch,), generator=gen)
-    j = torch.randint(half, length, (batch,), generator=gen)
-    rows = torch.arange(batch)
-    marks[rows, i] = 1.0
-    marks[rows, j] = 1.0
-    x = torch.stack([values, marks], dim=-1)
-    return x, (values * marks).sum(1, keepdim=True)
-
-
-class Recurrent(nn.Module):
-    def __init__(self, cell: str, hidden: int = 32) -> None:
-        super().__init__()
-        rnn_cls = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}[cell]
-        self.rnn = rnn_cls(2, hidden, batch_first=True)
-        self.head = nn.Linear(hidden, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out, _ = self.rnn(x)
-        return self.head(out[:, -1])
 
 
 @dataclass

@@ -1,28 +1,52 @@
+"""The command line: the demo end to end (each story, the final table, the reports) and version/usage."""
+
+from __future__ import annotations
+
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 from gradguard.cli import main
 
 
-def test_demo_prints_each_story() -> None:
-    out = subprocess.run([sys.executable, "-m", "gradguard", "demo", "gradients"], capture_output=True, text=True,
-                         timeout=300)
-    assert out.returncode == 0, out.stderr
-    text = out.stdout
-    sections = text.split("== ")[1:]
-    assert len(sections) == 3
-    assert "vanishing" in sections[0] and "diagnoses: vanishing" in sections[0]
-    assert "diagnoses: none: healthy" in sections[1] and "[gradguard]" not in sections[1]
-    assert "diagnoses: exploding, nonfinite" in sections[2]
-    assert text.index("error: exploding") < text.index("error: nonfinite")
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
+    out = tmp_path_factory.mktemp("demo")
+    proc = subprocess.run([sys.executable, "-m", "gradguard", "demo", "all", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout, out
 
 
-def test_modes_demo_shows_the_mistakes_and_the_fix() -> None:
-    out = subprocess.run([sys.executable, "-m", "gradguard", "demo", "modes"], capture_output=True, text=True,
-                         timeout=300)
-    assert out.returncode == 0, out.stderr
-    text = out.stdout
+def row(text: str, run: str) -> str:
+    return next(line for line in text.splitlines() if f"│ {run} " in line)
+
+
+def test_vanishing_story_and_its_fixes(demo: tuple[str, Path]) -> None:
+    text, out = demo
+    assert "vanishing (step" in row(text, "sigmoid MLP, 10 layers") and "10." in row(text, "sigmoid MLP, 10 layers")
+    assert "none (healthy)" in row(text, "ReLU + Kaiming, 10 layers")
+    assert "vanishing" in row(text, "tanh RNN, T=100") and "0.16" in row(text, "tanh RNN, T=100")
+    lstm_mse = float(row(text, "LSTM, T=100").split("guessing)")[1].split()[0])
+    assert lstm_mse < 0.05  # the LSTM carries the start of the sequence to the end
+    assert "through time in 'rnn'" in text
+    assert (out / "vanishing" / "sigmoid-mlp-10-layers" / "report.html").exists()
+
+
+def test_exploding_story_and_its_fixes(demo: tuple[str, Path]) -> None:
+    text, _ = demo
+    assert "exploding (step" in row(text, "lr 1.0") and "nonfinite (step" in row(text, "lr 1.0")
+    sick = text[text.index("== exploding"):]
+    assert sick.index("error: exploding") < sick.index("error: nonfinite")  # warned before the NaN
+    assert "none (healthy)" in row(text, "lr 0.1")
+
+
+def test_modes_story_shows_the_mistakes_and_the_fix(demo: tuple[str, Path]) -> None:
+    text, _ = demo
     wrong, right = text.split("== 2. gradguard.inference(model) ==")
+    wrong = wrong[wrong.index("== 1. torch.no_grad()"):]
     assert "error: train_mode_inference in '1', '3'" in wrong and "error: inference_mutates_state in '1'" in wrong
     assert "a batch of one fails in training mode" in wrong
     assert "three calls identical: True; equal to model.eval() + torch.no_grad(): True" in right

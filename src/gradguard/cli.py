@@ -14,8 +14,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version=f"gradguard {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="small trainings on bundled digits with gradguard's diagnoses printed")
-    demo.add_argument("story", nargs="?", choices=["all", "gradients", "modes"], default="all",
-                      help="gradients: vanishing/healthy/exploding runs; modes: train vs. inference mistakes")
+    demo.add_argument("story", nargs="?", choices=["all", "vanishing", "exploding", "modes"], default="all",
+                      help="which phenomenon to show with its fix (default: all)")
+    demo.add_argument("--out", default="gradguard-demo", help="where run directories and reports go")
     run = sub.add_parser("run", help="run an unmodified training script with gradguard watching every optimizer")
     run.add_argument("--out", help="run directory (default: a new folder under ./gradguard-runs/)")
     run.add_argument("--log-every", type=int, default=10, help="steps between statistics reads (default 10)")
@@ -47,11 +48,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {path}")
         return 0
     if args.command == "demo":
-        from .demo import main as gradients_demo
-        from .demo_modes import main as modes_demo
+        from .demo import main as demo_main
 
-        code = gradients_demo() if args.story in ("all", "gradients") else 0
-        return code or (modes_demo() if args.story in ("all", "modes") else 0)
+        return demo_main(args.story, args.out)
     parser.error(f"unknown command {args.command}")
     return 2
 
