@@ -53,3 +53,24 @@ def test_default_run_directory(tmp_path) -> None:
     assert out.returncode == 0, out.stderr
     (run_dir,) = (tmp_path / "gradguard-runs").iterdir()
     assert run_dir.name.startswith("tiny-") and (run_dir / "meta.json").exists()
+
+
+def test_two_models_two_optimizers_each_watched(tmp_path) -> None:
+    script = tmp_path / "gan.py"
+    script.write_text(
+        "import torch\nfrom torch import nn\n"
+        "class G(nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+        "        self.body = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 4))\n"
+        "    def forward(self, z):\n        return self.body(z)\n"
+        "g, d = G(), nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))\n"
+        "og, od = torch.optim.Adam(g.parameters()), torch.optim.SGD(d.parameters(), lr=0.01)\n"
+        "for _ in range(12):\n"
+        "    od.zero_grad(); d(g(torch.randn(8, 4)).detach()).mean().backward(); od.step()\n"
+        "    og.zero_grad(); (-d(g(torch.randn(8, 4)))).mean().backward(); og.step()\n")
+    out = run("--out", str(tmp_path / "r"), str(script))
+    assert out.returncode == 0, out.stderr
+    first = json.loads((tmp_path / "r" / "meta.json").read_text())
+    second = json.loads((tmp_path / "r" / "optimizer-1" / "meta.json").read_text())
+    assert (first["model"], first["optimizer"]) == ("Sequential", "SGD")  # the discriminator steps first
+    assert (second["model"], second["optimizer"]) == ("G", "Adam")
+    assert [lay["name"] for lay in second["layers"]] == ["body.0", "body.2"]  # named from the model's root
