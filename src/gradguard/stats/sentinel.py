@@ -10,6 +10,7 @@ one more call (documented in the README).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,29 @@ def _tensors(obj: Any) -> list[torch.Tensor]:
     if isinstance(obj, dict):
         return [t for o in obj.values() for t in _tensors(o)]
     return []
+
+
+def replay(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+           pre: Callable[[nn.Module, Any], None], post: Callable[[nn.Module, Any, Any], None]) -> None:
+    """Run ``model(*args, **kwargs)`` once more under ``torch.no_grad`` with ``pre``/``post`` hooks on every module,
+    then put back every buffer (persistent or not: BatchNorm statistics, spectral-norm vectors, caches) and the
+    RNG of the CPU and of the CUDA devices the model uses. Hooks are removed on every path."""
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    handles = []
+    for m in model.modules():
+        handles.append(m.register_forward_pre_hook(pre))
+        handles.append(m.register_forward_hook(post))
+    cuda = sorted({p.device.index for p in model.parameters() if p.device.type == "cuda" and p.device.index
+                   is not None})
+    try:
+        with torch.random.fork_rng(devices=cuda), torch.no_grad():
+            model(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
 
 
 def _any_nonfinite(obj: Any) -> bool:
@@ -77,23 +101,7 @@ def locate(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> O
         else:  # inputs already bad: produced by the enclosing module's own code between submodule calls
             found.append(Origin(stack[-1] if stack else "", "between"))
 
-    # Every buffer, persistent or not (BatchNorm statistics, spectral-norm vectors, caches), is put back after.
-    buffers = [(b, b.detach().clone()) for b in model.buffers()]
-    handles = []
-    for m in model.modules():
-        handles.append(m.register_forward_pre_hook(pre))
-        handles.append(m.register_forward_hook(post))
-    devices = sorted({p.device.index for p in model.parameters() if p.device.type == "cuda" and p.device.index
-                      is not None})
-    try:
-        with torch.random.fork_rng(devices=devices), torch.no_grad():
-            model(*args, **kwargs)
-    finally:
-        for h in handles:
-            h.remove()
-        with torch.no_grad():
-            for b, saved in buffers:
-                b.copy_(saved)
+    replay(model, args, kwargs, pre, post)
     return found[0] if found else None
 
 
@@ -138,20 +146,6 @@ def locate_rng(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
             for outer, _ in stack:
                 parents_of.setdefault(outer, set()).add(name)
 
-    buffers = [(b, b.detach().clone()) for b in model.buffers()]
-    handles = []
-    for m in model.modules():
-        handles.append(m.register_forward_pre_hook(pre))
-        handles.append(m.register_forward_hook(post))
-    cuda = sorted({d.index for d in devices if d.type == "cuda" and d.index is not None})
-    try:
-        with torch.random.fork_rng(devices=cuda), torch.no_grad():
-            model(*args, **kwargs)
-    finally:
-        for h in handles:
-            h.remove()
-        with torch.no_grad():
-            for b, saved in buffers:
-                b.copy_(saved)
+    replay(model, args, kwargs, pre, post)
     # innermost: a module that consumed, none of whose descendants did (they would explain it)
     return [n for n in consumed if not parents_of.get(n)]
