@@ -32,6 +32,7 @@ from .detect.reporter import Reporter, Verdict
 from .detect.units import detect_units
 from .detect.vanishing import detect_vanishing
 from .modes import DELIBERATE_TRAINING, ModeProfile, behaviour_modules
+from .repair.clip import ClipMethod, make_clip
 from .report.sinks import ConsoleSink, JsonlSink, Sink
 from .stats.activations import ActivationSampler
 from .stats.layers import LayerMap, build_layer_map, is_compiled, unwrap
@@ -39,8 +40,8 @@ from .stats.norms import LayerNorms, total_norm
 from .stats.sentinel import Origin, locate, locate_rng, rng_state, same_rng
 from .types import Action, Diagnosis
 
-# Columns of a step row: total gradient norm, loss, then the per-layer gradient norms.
-TOTAL, LOSS, HEAD = 0, 1, 2
+# Columns of a step row: total gradient norm, loss, total norm after clipping, then the per-layer gradient norms.
+TOTAL, LOSS, CLIPPED, HEAD = 0, 1, 2, 3
 
 
 class GuardInternalWarning(RuntimeWarning):
@@ -102,6 +103,10 @@ class Guard:
         ema_beta: decay of the running mean/variance of the total gradient norm and of the loss.
         frozen: modules deliberately kept in eval mode while training (e.g. frozen BatchNorm); the mode checks
             leave them, and everything inside them, alone. ``mark_frozen()`` adds more later.
+        clip: clip the gradients before every step, reading the norms just measured (no second pass): a max
+            norm (the same numbers as ``torch.nn.utils.clip_grad_norm_``), "zclip", "autoclip", "agc", or a
+            ``gradguard.repair`` ClipMethod. Statistics and diagnoses describe the gradients before clipping; each
+            clipped step is recorded as an Action of kind "clip".
         stochastic: modules that sample on purpose in eval mode (a VAE's sampler, a diffusion step);
             ``stochastic_inference`` leaves them alone. ``mark_stochastic()`` adds more later.
 
@@ -129,6 +134,7 @@ class Guard:
         ema_beta: float = 0.97,
         frozen: Iterable[nn.Module] = (),
         stochastic: Iterable[nn.Module] = (),
+        clip: float | str | ClipMethod | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Guard needs a torch.nn.Module, got {type(model).__name__}")
@@ -152,6 +158,8 @@ class Guard:
         self.sample_every = sample_every
         self.thresholds = thresholds or Thresholds()
         self.ema_beta = ema_beta
+        self.clip = make_clip(clip)
+        self._clip_index: dict[tuple[int, ...], torch.Tensor] = {}
         self.immediate = nonfinite_check == "step" or (nonfinite_check == "auto" and self.device.type == "cpu")
         self.compiled = is_compiled(model)
 
@@ -347,7 +355,8 @@ class Guard:
             history = self._pending_state
         else:
             history = History(list(self.layers.names), np.zeros(0), np.zeros(0), self.ema_beta).state_dict()
-        return {"version": 1, "step": self.step, "history": history, "reporter": self._reporter.state_dict()}
+        return {"version": 1, "step": self.step, "history": history, "reporter": self._reporter.state_dict(),
+                "clip": self.clip.state_dict() if self.clip is not None else {}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from ``state_dict()`` of an earlier Guard on the same model.
@@ -360,6 +369,8 @@ class Guard:
                              "model architecture")
         self.step = int(state["step"])
         self._reporter.load_state_dict(state["reporter"])
+        if self.clip is not None and state.get("clip"):
+            self.clip.load_state_dict(state["clip"])
         if self._history is not None:
             self._history.load_state_dict(state["history"])
         else:
@@ -517,6 +528,11 @@ class Guard:
                             if prefix + s in after and prefix + s not in changed]
         return sorted(changed)
 
+    def _act(self, action: Action) -> None:
+        self._actions.append(action)
+        for sink in self._sinks:
+            sink.write(action.to_dict())
+
     def _emit(self, verdict: Verdict) -> None:
         d = self._reporter.offer(verdict)
         if d is not None:
@@ -550,7 +566,8 @@ class Guard:
         else:
             loss = torch.zeros((), dtype=torch.float32, device=self.device)
         self._loss_sum, self._loss_host, self._loss_n = None, 0.0, 0
-        self._rows.append(torch.cat([torch.stack([total, loss]), gnorm]))
+        clipped = self._clip_step(params, gnorm, total) if self.clip is not None else total
+        self._rows.append(torch.cat([torch.stack([total, loss, clipped]), gnorm]))
         self._row_steps.append(self.step)
         self._row_loss_seen.append(seen)
 
@@ -575,6 +592,18 @@ class Guard:
         if self.immediate and not bool(torch.isfinite(total) & torch.isfinite(loss)):
             self._origins[self.step] = self._replay()
             self._drain()  # report now, before the optimizer applies this step
+
+    def _clip_step(self, params: list[nn.Parameter], gnorm: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+        """Clip in place with the norms just measured; returns the total norm after clipping (device tensor)."""
+        assert self.clip is not None
+        present = tuple(i for i, p in enumerate(params) if p.grad is not None)
+        index = self._clip_index.get(present)
+        if index is None:  # which layer each present gradient belongs to; built once per pattern
+            index = torch.tensor([self.layers.layer_of[i] for i in present], dtype=torch.long)
+            index = index.pin_memory().to(self.device, non_blocking=True) if self.device.type != "cpu" else index
+            self._clip_index[present] = index
+        ps = [params[i] for i in present]
+        return self.clip.clip_(ps, [p.grad for p in ps], index, gnorm, total)  # type: ignore[misc]
 
     def _layer_norms(self, tensors: Sequence[torch.Tensor | None]) -> torch.Tensor:
         if self._norms is None:
@@ -651,6 +680,12 @@ class Guard:
         self._rows, self._row_steps, self._row_loss_seen = [], [], []
         self._samples, self._acts, self._times = [], [], []
 
+        if self.clip is not None:
+            for r in range(len(rows)):
+                before, after = rows[r, TOTAL], rows[r, CLIPPED]
+                if np.isfinite(before) and after < before * (1 - 1e-6):
+                    self._act(Action("clip", int(h.steps[len(h.steps) - n_rows + r]),
+                                     {"method": self.clip.name, "norm": float(before), "clipped_norm": float(after)}))
         th = self.thresholds
         found: list[Verdict | None] = []
         for r in step_candidates(h, range(len(h.steps) - n_rows, len(h.steps)), th):

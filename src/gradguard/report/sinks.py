@@ -80,6 +80,8 @@ class ConsoleSink:
 
     def write(self, record: dict[str, Any]) -> None:
         if record.get("type") != "diagnosis":
+            if record.get("kind") == "clip":
+                return  # one per clipped step: in events.jsonl and guard.actions, too many for a console
             line = f"[gradguard] step {record.get('step')} action {record.get('kind')}: {record.get('detail')}"
             self._print(line, "cyan")
             return
