@@ -301,8 +301,10 @@ def test_log_dir_schema_and_line_flushing(tmp_path) -> None:
 def test_bad_input() -> None:
     m = nn.Linear(3, 1)
     opt = torch.optim.SGD(m.parameters(), lr=0.1)
-    with pytest.raises(ValueError, match="repair"):
-        gg.Guard(m, opt, repair="auto")
+    with pytest.raises(ValueError, match="repair must be"):
+        gg.Guard(m, opt, repair="fix-it")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="pass the optimizer"):
+        gg.Guard(m, None, repair="auto")
     with pytest.raises(TypeError, match="nn.Module"):
         gg.Guard(opt, opt)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="log_every"):

@@ -8,15 +8,17 @@ derived there, and the detectors run on exact per-step numbers, so each diagnosi
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import platform
+import sys
 import time
 import traceback
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 import numpy as np
 import torch
@@ -32,7 +34,8 @@ from .detect.reporter import Reporter, Verdict
 from .detect.units import detect_units
 from .detect.vanishing import detect_vanishing
 from .modes import DELIBERATE_TRAINING, ModeProfile, behaviour_modules
-from .repair.clip import ClipMethod, make_clip
+from .repair.clip import ClipMethod, ZClip, make_clip
+from .repair.ladder import Ladder
 from .report.sinks import ConsoleSink, JsonlSink, Sink
 from .stats.activations import ActivationSampler
 from .stats.layers import LayerMap, build_layer_map, is_compiled, unwrap
@@ -87,7 +90,14 @@ class Guard:
         model: the model being trained (DataParallel/DDP/torch.compile wrappers are looked through; layer names
             are those of the inner module).
         optimizer: the optimizer training it, or None to call ``check()`` by hand after ``backward()``.
-        repair: must be False in this version (repairs in place arrive with the repair module).
+        repair: "auto" turns on the repair ladder (``gradguard.repair.ladder``): non-finite steps are skipped with
+            optimizer state and parameters untouched, spikes are clipped adaptively (ZClip unless ``clip`` is
+            given), a sustained explosion backs the learning rate off (``lr_backoff``; given back once stable), and
+            divergence rolls model and optimizer back to the last good snapshot (taken every ``snapshot_every``
+            steps into host memory). Each repair is an Action in ``guard.actions`` and events.jsonl. The skip costs
+            one small host read per step on an accelerator unless the optimizer is fused (then the fused kernel's
+            ``found_inf`` does it on the device), as torch.amp.GradScaler does.
+        lr_backoff, snapshot_every, max_rollbacks: settings of the repair ladder.
         log_every: steps between host reads of the statistics (one copy each); detectors run then.
         sample_every: steps between the costlier samples (weight norms and update ratios, activation and
             time-step gradient statistics).
@@ -135,13 +145,18 @@ class Guard:
         frozen: Iterable[nn.Module] = (),
         stochastic: Iterable[nn.Module] = (),
         clip: float | str | ClipMethod | None = None,
+        lr_backoff: float = 0.5,
+        snapshot_every: int = 100,
+        max_rollbacks: int = 3,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Guard needs a torch.nn.Module, got {type(model).__name__}")
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
-        if repair not in (False, None):
-            raise ValueError("repair in place is not available in this version of gradguard; use repair=False")
+        if repair not in (False, None, True, "auto"):
+            raise ValueError(f"repair must be False or 'auto', got {repair!r}")
+        if repair and optimizer is None:
+            raise ValueError("repair='auto' acts on optimizer steps: pass the optimizer (Guard(model, optimizer, ...))")
         if log_every < 1 or sample_every < 1:
             raise ValueError(f"log_every and sample_every must be >= 1, got {log_every} and {sample_every}")
         if nonfinite_check not in ("auto", "step", "deferred"):
@@ -159,6 +174,13 @@ class Guard:
         self.thresholds = thresholds or Thresholds()
         self.ema_beta = ema_beta
         self.clip = make_clip(clip)
+        self.ladder = Ladder(lr_backoff, snapshot_every=snapshot_every, max_rollbacks=max_rollbacks) if repair else None
+        if self.ladder is not None and self.clip is None:
+            self.clip = ZClip()  # rung 2: spikes are clipped adaptively
+        self._recorded = False  # the repaired step measured already; the pre-hook must not measure twice
+        self._step_wrapper: Callable[..., Any] | None = None
+        self._orig_step: Callable[..., Any] | None = None
+        self._fused_saved: tuple[Any, Any] | None = None
         self._clip_index: dict[tuple[int, ...], torch.Tensor] = {}
         self.immediate = nonfinite_check == "step" or (nonfinite_check == "auto" and self.device.type == "cpu")
         self.compiled = is_compiled(model)
@@ -227,6 +249,8 @@ class Guard:
                 self._handles.append(optimizer.register_step_post_hook(self._post_step_hook))
             self._handles.append(model.register_forward_pre_hook(self._forward_pre_hook, with_kwargs=True))
             self._handles.append(model.register_forward_hook(self._forward_post_hook, always_call=True))
+            if self.ladder is not None:
+                self._install_step_wrapper()
             if not self.compiled:
                 # One-shot: learn the forward order of the layers from the first forward, then remove these.
                 wanted = {id(m) for m in self.layers.modules}
@@ -356,7 +380,8 @@ class Guard:
         else:
             history = History(list(self.layers.names), np.zeros(0), np.zeros(0), self.ema_beta).state_dict()
         return {"version": 1, "step": self.step, "history": history, "reporter": self._reporter.state_dict(),
-                "clip": self.clip.state_dict() if self.clip is not None else {}}
+                "clip": self.clip.state_dict() if self.clip is not None else {},
+                "ladder": self.ladder.state_dict() if self.ladder is not None else {}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from ``state_dict()`` of an earlier Guard on the same model.
@@ -371,6 +396,8 @@ class Guard:
         self._reporter.load_state_dict(state["reporter"])
         if self.clip is not None and state.get("clip"):
             self.clip.load_state_dict(state["clip"])
+        if self.ladder is not None and state.get("ladder"):
+            self.ladder.load_state_dict(state["ladder"])
         if self._history is not None:
             self._history.load_state_dict(state["history"])
         else:
@@ -385,7 +412,7 @@ class Guard:
             if self._eval_in_training:  # flag-dependent modules were in eval during this step's forward
                 self._emit(mode_rules.eval_mode_training(self.step, self._eval_in_training))
                 self._eval_in_training = []
-            if not _closure_given(args, kwargs):
+            if not _closure_given(args, kwargs) and not self._recorded:
                 self._record_step(snapshot=True)
             # With a closure (LBFGS) the gradients exist only once step() has run it: record in the post hook.
         except Exception as e:  # never crash the user's training step
@@ -412,6 +439,91 @@ class Guard:
             self._sampler.arm()  # the next forward is a sampled one
         if len(self._rows) >= self.log_every:
             self._drain()
+
+    # ------------------------------------------------------------------ repair="auto": the step wrapper
+
+    def _install_step_wrapper(self) -> None:
+        """Shadow ``optimizer.step`` with an instance attribute (the class method, its hooks and any LR scheduler
+        wrapper stay inside): the only way to skip a non-fused step without touching its state."""
+        assert self.optimizer is not None
+        self._orig_step = self.optimizer.step
+
+        def step(*args: Any, **kwargs: Any) -> Any:
+            return self._repaired_step(*args, **kwargs)
+
+        # Carry the wrapped step's attributes (an LR scheduler marks its own wrapper and checks for the mark).
+        functools.update_wrapper(step, self._orig_step)
+        self._step_wrapper = step
+        self.optimizer.step = step  # type: ignore[method-assign]
+
+    def _remove_step_wrapper(self) -> None:
+        if self.optimizer is None:
+            return
+        opt = cast(Any, self.optimizer)
+        if opt.__dict__.get("step") is self._step_wrapper:
+            orig: Any = self._orig_step
+            cls_step = getattr(type(opt), "step", None)
+            if getattr(orig, "__self__", None) is opt and getattr(orig, "__func__", None) is cls_step:
+                delattr(opt, "step")  # back to the class method, exactly as before
+            else:
+                setattr(opt, "step", orig)  # noqa: B010 - e.g. an LR scheduler's wrapper from before the Guard
+        # If something wrapped ours later (a scheduler created after the Guard), ours stays as a pass-through.
+
+    def _repaired_step(self, *args: Any, **kwargs: Any) -> Any:
+        assert self._orig_step is not None and self.optimizer is not None and self.ladder is not None
+        if self._closed or self._failed or _closure_given(args, kwargs):
+            return self._orig_step(*args, **kwargs)
+        try:
+            if self._eval_in_training:
+                self._emit(mode_rules.eval_mode_training(self.step, self._eval_in_training))
+                self._eval_in_training = []
+            self._record_step(snapshot=True)
+            self._recorded = True
+            skip = self._skip_decision()
+        except Exception as e:  # never crash the user's training step
+            self._recorded = False
+            self._internal_failure(e)
+            return self._orig_step(*args, **kwargs)
+        if skip:
+            self._recorded = False
+            self._snapshot = None
+            self._act(Action("skip_step", self.step, {"why": "non-finite gradients"}))
+            self._end_step()
+            return None
+        saved = self.ladder.scale_lr(self.optimizer)
+        try:
+            return self._orig_step(*args, **kwargs)
+        finally:
+            self.ladder.unscale_lr(self.optimizer, saved)
+            self._recorded = False
+            self._restore_fused_flags()
+
+    def _skip_decision(self) -> bool:
+        """Rung 1. A fused optimizer gets the flag as its ``found_inf`` (the kernel skips, state untouched, no
+        sync); any other optimizer cannot be stopped from the device, so the flag is read: one small host read
+        per step on an accelerator (free on the CPU), as torch.amp.GradScaler does."""
+        assert self.optimizer is not None
+        bad = ~torch.isfinite(self._last_total)
+        if all(g.get("fused") for g in self.optimizer.param_groups):
+            opt: Any = self.optimizer
+            self._fused_saved = (getattr(opt, "grad_scale", None), getattr(opt, "found_inf", None))
+            flag = bad.to(torch.float32)
+            prior = self._fused_saved[1]  # GradScaler's own flag, when it drives this step: combine, not replace
+            opt.found_inf = torch.maximum(prior, flag.to(prior.device)) if prior is not None else flag
+            return False
+        return bool(bad)  # the documented per-step host read (see above)
+
+    def _restore_fused_flags(self) -> None:
+        if self._fused_saved is None:
+            return
+        opt: Any = self.optimizer
+        grad_scale, found_inf = self._fused_saved
+        self._fused_saved = None
+        for name, value in (("grad_scale", grad_scale), ("found_inf", found_inf)):
+            if value is None:
+                opt.__dict__.pop(name, None)
+            else:
+                setattr(opt, name, value)
 
     def _forward_pre_hook(self, module: nn.Module, args: Any, kwargs: Any) -> None:
         if self._closed or self._failed or self._replaying:
@@ -557,6 +669,7 @@ class Guard:
         params = self.layers.params
         gnorm = self._layer_norms([p.grad for p in params])
         total = total_norm(gnorm)
+        self._last_total = total
         seen = self._loss_n > 0
         if seen:
             loss = torch.full((), self._loss_host, dtype=torch.float32, device=self.device)  # a fill, not a copy
@@ -698,10 +811,34 @@ class Guard:
             if h.acts_version != self._acts_seen:  # unit verdicts change only when a new sample arrived
                 self._acts_seen = h.acts_version
                 found += detect_units(h, th)
-        for verdict in sorted((v for v in found if v is not None), key=lambda v: v.diagnosis.step):
+        verdicts = sorted((v for v in found if v is not None), key=lambda v: v.diagnosis.step)
+        for verdict in verdicts:
             self._emit(verdict)
+        if self.ladder is not None:
+            self._climb_ladder(h, n_rows, verdicts)
         if self._stats_sink is not None:
             self._stats_sink.write(self._stats_record(h, rows))
+
+    def _climb_ladder(self, h: History, n_rows: int, verdicts: list[Verdict]) -> None:
+        """Rungs 3 and 4, decided at a statistics read; plus the snapshot of a healthy run."""
+        assert self.ladder is not None and self.optimizer is not None
+        if all(g.get("fused") for g in self.optimizer.param_groups):  # fused skips happened on the device
+            new = slice(len(h.steps) - n_rows, len(h.steps))
+            for st in h.steps[new][~np.isfinite(h.total[new])]:
+                self._act(Action("skip_step", int(st), {"why": "non-finite gradients", "fused": True}))
+        exploding = any(v.key[0] == "exploding" and v.key[1] in ("growth", "update", "backward") for v in verdicts)
+        diverging = any(v.key == ("exploding", "growth") for v in verdicts)
+        for decision in self.ladder.decide(h, n_rows, exploding, self.step, diverging):
+            if decision == "rollback":
+                action = self.ladder.rollback(self.model, self.optimizer, self.step)
+                self._act(action)
+                if "stopped" in action.detail:
+                    print(f"[gradguard] {action.detail['stopped']}", file=sys.stderr, flush=True)
+            else:
+                assert isinstance(decision, Action)
+                self._act(decision)
+        if self.ladder.healthy_for_snapshot(h, self.step):
+            self.ladder.take_snapshot(self.model, self.optimizer, self.step)
 
     def _ensure_history(self) -> History:
         if self._history is None:
@@ -763,6 +900,8 @@ class Guard:
         self._handles.clear()
         self._order_handles.clear()
         self._sampler.close()
+        if self.ladder is not None:
+            self._remove_step_wrapper()
         self._snapshot = None
         self._last_inputs = None
         self._forward_stack.clear()

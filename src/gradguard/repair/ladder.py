@@ -1,0 +1,173 @@
+"""``Guard(repair="auto")``: the escalation ladder, from the cheapest repair to the last resort.
+
+1. Non-finite gradients: the step is skipped; optimizer state and parameters stay exactly as they were.
+2. Spikes: adaptive clipping (ZClip unless the Guard was given another ``clip``).
+3. Sustained explosion: the learning rate is multiplied by ``lr_backoff`` (applied around each optimizer step, so
+   LR schedulers keep their own values and compose), and given back gradually once training is stable.
+4. Divergence (an explosion with a rising loss, repeated non-finite steps, or a loss far above its level at the
+   last good snapshot): model and optimizer are rolled back to the last good snapshot, kept in host memory, and the
+   learning rate is lowered by ``lr_backoff`` squared; restores never go back above a rate that diverged. Every
+   rollback doubles the stretch required before the next one; after ``max_rollbacks`` the ladder stops rolling
+   back and says why.
+
+Decisions 3 and 4 are taken on the host at the Guard's statistics reads (every ``log_every`` steps); decision 1 at
+every step (see ``Guard``).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..detect.history import History
+from ..types import Action
+
+
+def _to_host(obj: Any) -> Any:
+    """A deep copy with every tensor moved to host memory (a sync: taken only at snapshot steps)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _to_host(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_host(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
+@dataclass
+class Snapshot:
+    step: int
+    model: dict[str, Any]
+    optimizer: dict[str, Any]
+    lr_mult: float
+
+
+class Ladder:
+    """State and decisions of the repair ladder.
+
+    Args:
+        lr_backoff: factor applied to the learning rate on a sustained explosion (and squared on a rollback).
+        restore_after: stable steps before each step back toward the original learning rate.
+        snapshot_every: steps between snapshots of a healthy run (host memory: one copy of model + optimizer).
+        max_rollbacks: rollbacks before the ladder gives up rolling back.
+    """
+
+    def __init__(self, lr_backoff: float = 0.5, restore_after: int = 100, snapshot_every: int = 100,
+                 max_rollbacks: int = 3) -> None:
+        if not 0 < lr_backoff < 1:
+            raise ValueError(f"lr_backoff must be in (0, 1), got {lr_backoff}")
+        self.lr_backoff, self.restore_after = lr_backoff, restore_after
+        self.snapshot_every, self.max_rollbacks = snapshot_every, max_rollbacks
+        self.lr_mult = 1.0
+        self.ceiling = 1.0  # restores go back up to here; a rollback lowers it (that learning rate diverged)
+        self.last_trouble = -(10**9)  # step of the last explosion or non-finite step
+        self.last_backoff = -(10**9)
+        self.last_restore = -(10**9)
+        self.snapshot: Snapshot | None = None
+        self.rollbacks = 0
+        self.last_rollback = -(10**9)
+        self.gave_up = False
+
+    # ------------------------------------------------------------------ learning rate around each step
+
+    def scale_lr(self, optimizer: torch.optim.Optimizer) -> list[Any] | None:
+        """Multiply every group's lr by ``lr_mult`` for this step; returns what to put back (None: untouched)."""
+        if self.lr_mult == 1.0:
+            return None
+        saved = [g["lr"] for g in optimizer.param_groups]
+        for g in optimizer.param_groups:
+            g["lr"] = g["lr"] * self.lr_mult if not isinstance(g["lr"], torch.Tensor) else g["lr"].mul(self.lr_mult)
+        return saved
+
+    @staticmethod
+    def unscale_lr(optimizer: torch.optim.Optimizer, saved: list[Any] | None) -> None:
+        if saved is not None:  # the exact values the scheduler set, not lr * m / m
+            for g, lr in zip(optimizer.param_groups, saved):
+                g["lr"] = lr
+
+    # ------------------------------------------------------------------ decisions at a statistics read
+
+    def decide(self, h: History, n_rows: int, exploding: bool, step: int, diverging: bool = False
+               ) -> list[Action | str]:
+        """What to do after the rows just read. Returns actions, and the string "rollback" when a rollback is due.
+
+        Args:
+            h: the history (the new rows are its last ``n_rows``).
+            exploding: an exploding verdict was found in this read.
+            step: steps taken so far.
+            diverging: the explosion comes with a rising loss (the Guard's "growth" verdict): weights are being
+                damaged now, so a backoff alone is too slow.
+        """
+        out: list[Action | str] = []
+        new = slice(len(h.steps) - n_rows, len(h.steps))
+        bad_rows = ~np.isfinite(h.total[new])
+        if bad_rows.any():
+            self.last_trouble = int(h.steps[new][bad_rows][-1])
+        if exploding:
+            self.last_trouble = step
+            if step - self.last_backoff >= max(10, n_rows):  # at most one backoff per read (and per 10 steps)
+                old = self.lr_mult
+                self.lr_mult *= self.lr_backoff
+                self.last_backoff = step
+                out.append(Action("lr_backoff", step, {"lr_multiplier": self.lr_mult, "was": old,
+                                                       "why": "sustained explosion"}))
+        recent = slice(max(0, len(h.steps) - 20), len(h.steps))
+        nonfinite_recent = int((~np.isfinite(h.total[recent])).sum())
+        loss_blowup = False
+        if self.snapshot is not None and exploding:
+            seen = h.loss_seen[recent] & np.isfinite(h.loss[recent])
+            at_snap = h.loss[(h.steps <= self.snapshot.step) & h.loss_seen & np.isfinite(h.loss)]
+            if seen.any() and len(at_snap):
+                loss_blowup = float(np.mean(h.loss[recent][seen])) > 2.0 * float(np.mean(at_snap[-20:]))
+        if (nonfinite_recent >= 3 or loss_blowup or diverging) and self.snapshot is not None and not self.gave_up:
+            wait = 20 * 2 ** self.rollbacks  # every rollback makes the next one harder to trigger
+            if step - self.last_rollback >= wait:
+                out.append("rollback")
+        if (self.lr_mult < self.ceiling and step - self.last_trouble >= self.restore_after
+                and step - self.last_restore >= self.restore_after):
+            old = self.lr_mult
+            self.lr_mult = min(self.ceiling, self.lr_mult / self.lr_backoff)
+            self.last_restore = step
+            out.append(Action("lr_restore", step, {"lr_multiplier": self.lr_mult, "was": old}))
+        return out
+
+    def healthy_for_snapshot(self, h: History, step: int) -> bool:
+        """A snapshot is taken of a run that has been quiet for a while, at most every ``snapshot_every`` steps."""
+        due = self.snapshot is None or step - self.snapshot.step >= self.snapshot_every
+        window = slice(max(0, len(h.steps) - 50), len(h.steps))
+        return due and step - self.last_trouble >= 50 and bool(np.isfinite(h.total[window]).all())
+
+    # ------------------------------------------------------------------ snapshots
+
+    def take_snapshot(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+        self.snapshot = Snapshot(step, _to_host(model.state_dict()), _to_host(optimizer.state_dict()), self.lr_mult)
+
+    def rollback(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> Action:
+        """Restore the last good snapshot (bitwise), lower the learning rate; give up after max_rollbacks."""
+        assert self.snapshot is not None
+        snap = self.snapshot
+        model.load_state_dict(snap.model)
+        optimizer.load_state_dict(copy.deepcopy(snap.optimizer))
+        self.rollbacks += 1
+        self.last_rollback = step
+        self.lr_mult = min(snap.lr_mult, self.lr_mult) * self.lr_backoff ** 2
+        self.ceiling = self.lr_mult
+        self.last_trouble = step
+        detail: dict[str, Any] = {"to_step": snap.step, "lr_multiplier": self.lr_mult, "rollbacks": self.rollbacks}
+        if self.rollbacks >= self.max_rollbacks:
+            self.gave_up = True
+            detail["stopped"] = (f"{self.rollbacks} rollbacks did not stabilise training: no further rollbacks. "
+                                 "Lower the learning rate or fix the model before training on.")
+        return Action("rollback", step, detail)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in vars(self).items() if k != "snapshot"}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for k, v in state.items():
+            setattr(self, k, v)
