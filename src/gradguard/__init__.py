@@ -12,9 +12,20 @@ __version__ = "0.1.0"
 from .detect.history import Thresholds  # noqa: E402
 from .guard import Guard, GuardInternalWarning  # noqa: E402
 from .modes import ModeRow, ModeTable, inference, mode_table  # noqa: E402
-from .repair import AGC, AutoClip, ClipMethod, GlobalNorm, LayerNorm, ValueClip, ZClip  # noqa: E402
+from .repair import (  # noqa: E402
+    AGC,
+    AutoClip,
+    ClipMethod,
+    GlobalNorm,
+    LayerNorm,
+    ValueClip,
+    ZClip,
+    reinit,
+    swap_activations,
+)
+from .repair.doctor import Trial, doctor  # noqa: E402
 from .types import KINDS, Action, Diagnosis  # noqa: E402
 
 __all__ = ["AGC", "KINDS", "Action", "AutoClip", "ClipMethod", "Diagnosis", "GlobalNorm", "Guard",
-           "GuardInternalWarning", "LayerNorm", "ModeRow", "ModeTable", "Thresholds", "ValueClip", "ZClip",
-           "__version__", "inference", "mode_table"]
+           "GuardInternalWarning", "LayerNorm", "ModeRow", "ModeTable", "Thresholds", "Trial", "ValueClip", "ZClip",
+           "__version__", "doctor", "inference", "mode_table", "reinit", "swap_activations"]
