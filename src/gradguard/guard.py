@@ -34,7 +34,7 @@ from .detect.reporter import Reporter, Verdict
 from .detect.units import detect_units
 from .detect.vanishing import detect_vanishing
 from .modes import DELIBERATE_TRAINING, ModeProfile, behaviour_modules
-from .repair.clip import ClipMethod, ZClip, make_clip
+from .repair.clip import ClipMethod, ScalarClip, ZClip, make_clip
 from .repair.ladder import Ladder
 from .report.sinks import ConsoleSink, JsonlSink, Sink
 from .stats.activations import ActivationSampler
@@ -43,8 +43,9 @@ from .stats.norms import LayerNorms, total_norm
 from .stats.sentinel import Origin, locate, locate_rng, rng_state, same_rng
 from .types import Action, Diagnosis
 
-# Columns of a step row: total gradient norm, loss, total norm after clipping, then the per-layer gradient norms.
-TOTAL, LOSS, CLIPPED, HEAD = 0, 1, 2, 3
+# Columns of a step row: total gradient norm, loss, total norm after clipping, whether GradScaler found inf/NaN
+# (and so skips the step itself), then the per-layer gradient norms.
+TOTAL, LOSS, CLIPPED, SCALER_INF, HEAD = 0, 1, 2, 3, 4
 
 
 class GuardInternalWarning(RuntimeWarning):
@@ -422,6 +423,8 @@ class Guard:
         if self._closed or self._failed:
             return
         try:
+            if self.ladder is None:
+                self._restore_fused_flags()  # the repaired step restores its own after the step
             if _closure_given(args, kwargs):
                 self._record_step(snapshot=False)
             elif self._snapshot is not None:
@@ -487,6 +490,7 @@ class Guard:
         if skip:
             self._recorded = False
             self._snapshot = None
+            self._restore_fused_flags()
             self._act(Action("skip_step", self.step, {"why": "non-finite gradients"}))
             self._end_step()
             return None
@@ -504,14 +508,24 @@ class Guard:
         per step on an accelerator (free on the CPU), as torch.amp.GradScaler does."""
         assert self.optimizer is not None
         bad = ~torch.isfinite(self._last_total)
-        if all(g.get("fused") for g in self.optimizer.param_groups):
-            opt: Any = self.optimizer
-            self._fused_saved = (getattr(opt, "grad_scale", None), getattr(opt, "found_inf", None))
+        if self._fused():
             flag = bad.to(torch.float32)
-            prior = self._fused_saved[1]  # GradScaler's own flag, when it drives this step: combine, not replace
-            opt.found_inf = torch.maximum(prior, flag.to(prior.device)) if prior is not None else flag
+            prior = getattr(self.optimizer, "found_inf", None)  # GradScaler's own flag: combine, not replace
+            self._set_fused_attr("found_inf", torch.maximum(prior, flag.to(prior.device)) if prior is not None
+                                 else flag)
             return False
         return bool(bad)  # the documented per-step host read (see above)
+
+    def _fused(self) -> bool:
+        return self.optimizer is not None and all(g.get("fused") for g in self.optimizer.param_groups)
+
+    def _set_fused_attr(self, name: str, value: torch.Tensor) -> None:
+        """Set ``grad_scale`` / ``found_inf`` for this step's fused kernel, remembering what was there (GradScaler
+        sets them too); ``_restore_fused_flags`` puts it back after the step."""
+        opt: Any = self.optimizer
+        if self._fused_saved is None:
+            self._fused_saved = (getattr(opt, "grad_scale", None), getattr(opt, "found_inf", None))
+        setattr(opt, name, value)
 
     def _restore_fused_flags(self) -> None:
         if self._fused_saved is None:
@@ -668,6 +682,12 @@ class Guard:
             self._norms = None
         params = self.layers.params
         gnorm = self._layer_norms([p.grad for p in params])
+        opt: Any = self.optimizer
+        scale = getattr(opt, "grad_scale", None)
+        if isinstance(scale, torch.Tensor):
+            # GradScaler lets a fused optimizer unscale inside its kernel: the .grad we read are still scaled.
+            gnorm = torch.where(gnorm >= 0, gnorm / scale.to(gnorm.device).float(), gnorm)
+        scaler_inf = getattr(opt, "found_inf", None)
         total = total_norm(gnorm)
         self._last_total = total
         seen = self._loss_n > 0
@@ -680,7 +700,9 @@ class Guard:
             loss = torch.zeros((), dtype=torch.float32, device=self.device)
         self._loss_sum, self._loss_host, self._loss_n = None, 0.0, 0
         clipped = self._clip_step(params, gnorm, total) if self.clip is not None else total
-        self._rows.append(torch.cat([torch.stack([total, loss, clipped]), gnorm]))
+        skipped_by_scaler = (scaler_inf.to(self.device).float().reshape(()) if isinstance(scaler_inf, torch.Tensor)
+                             else torch.zeros((), device=self.device))
+        self._rows.append(torch.cat([torch.stack([total, loss, clipped, skipped_by_scaler]), gnorm]))
         self._row_steps.append(self.step)
         self._row_loss_seen.append(seen)
 
@@ -716,6 +738,12 @@ class Guard:
             index = index.pin_memory().to(self.device, non_blocking=True) if self.device.type != "cpu" else index
             self._clip_index[present] = index
         ps = [params[i] for i in present]
+        if self._fused() and isinstance(self.clip, ScalarClip):
+            # The fused kernel divides the gradients by grad_scale as it reads them: clipping costs no extra pass.
+            coef = self.clip.coefficient(total)
+            prior = getattr(self.optimizer, "grad_scale", None)
+            self._set_fused_attr("grad_scale", (prior.float() if prior is not None else 1.0) / coef)
+            return total * coef
         return self.clip.clip_(ps, [p.grad for p in ps], index, gnorm, total)  # type: ignore[misc]
 
     def _layer_norms(self, tensors: Sequence[torch.Tensor | None]) -> torch.Tensor:
@@ -774,8 +802,13 @@ class Guard:
         rows = flat[: n_rows * width].reshape(n_rows, width)
         off = n_rows * width
         h = self._ensure_history()
-        h.append(np.array(self._row_steps, dtype=np.int64), rows[:, TOTAL], rows[:, LOSS],
-                 np.array(self._row_loss_seen), rows[:, HEAD:])
+        # Steps GradScaler skipped itself (overflow in fp16) are not this run's steps: no row, as for a non-fused
+        # optimizer, whose step() the scaler does not even call.
+        keep = rows[:, SCALER_INF] == 0
+        rows = rows[keep]
+        n_rows = int(keep.sum())
+        h.append(np.array(self._row_steps, dtype=np.int64)[keep], rows[:, TOTAL], rows[:, LOSS],
+                 np.array(self._row_loss_seen, dtype=bool)[keep], rows[:, HEAD:])
         for step, _, _ in self._samples:
             h.sample_steps.append(step)
             h.weight.append(flat[off: off + L])
@@ -816,7 +849,7 @@ class Guard:
             self._emit(verdict)
         if self.ladder is not None:
             self._climb_ladder(h, n_rows, verdicts)
-        if self._stats_sink is not None:
+        if self._stats_sink is not None and n_rows:
             self._stats_sink.write(self._stats_record(h, rows))
 
     def _climb_ladder(self, h: History, n_rows: int, verdicts: list[Verdict]) -> None:

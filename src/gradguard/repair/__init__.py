@@ -1,8 +1,8 @@
 """Repairs: clipping strategies applied to the gradients the Guard already measured, the repair ladder, structural
 remedies (functions on a model) and the doctor that tries them."""
 
-from .clip import AGC, AutoClip, ClipMethod, GlobalNorm, LayerNorm, ValueClip, ZClip, make_clip
+from .clip import AGC, AutoClip, ClipMethod, GlobalNorm, LayerNorm, ScalarClip, ValueClip, ZClip, make_clip
 from .structural import reinit, swap_activations
 
-__all__ = ["AGC", "AutoClip", "ClipMethod", "GlobalNorm", "LayerNorm", "ValueClip", "ZClip", "make_clip", "reinit",
-           "swap_activations"]
+__all__ = ["AGC", "AutoClip", "ClipMethod", "GlobalNorm", "LayerNorm", "ScalarClip", "ValueClip", "ZClip",
+           "make_clip", "reinit", "swap_activations"]

@@ -74,7 +74,22 @@ class ClipMethod:
         pass
 
 
-class GlobalNorm(ClipMethod):
+class ScalarClip(ClipMethod):
+    """A strategy whose whole effect is one coefficient on all gradients: ``coefficient`` computes it (and moves
+    the strategy's state on), ``clip_`` applies it with one fused multiply. With a fused optimizer the Guard hands
+    the coefficient to the kernel instead (``grad_scale``), so the gradients are not read a second time."""
+
+    def coefficient(self, total: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def clip_(self, params: Sequence[nn.Parameter], grads: Grads, layer_index: torch.Tensor,
+              layer_norms: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+        coef = self.coefficient(total)
+        _scale_(grads, coef)
+        return total * coef
+
+
+class GlobalNorm(ScalarClip):
     """Scale all gradients so their global L2 norm is at most ``max_norm``: the same numbers as
     ``torch.nn.utils.clip_grad_norm_`` (coefficient ``max_norm / (norm + 1e-6)``, clamped at 1).
 
@@ -89,11 +104,8 @@ class GlobalNorm(ClipMethod):
             raise ValueError(f"max_norm must be > 0, got {max_norm}")
         self.max_norm = float(max_norm)
 
-    def clip_(self, params: Sequence[nn.Parameter], grads: Grads, layer_index: torch.Tensor,
-              layer_norms: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
-        coef = (self.max_norm / (total + 1e-6)).clamp(max=1.0)  # clamped, not branched on: no host sync
-        _scale_(grads, coef)
-        return total * coef
+    def coefficient(self, total: torch.Tensor) -> torch.Tensor:
+        return (self.max_norm / (total + 1e-6)).clamp(max=1.0)  # clamped, not branched on: no host sync
 
 
 class ValueClip(ClipMethod):
@@ -181,7 +193,7 @@ class AGC(ClipMethod):
         return _total(grads)
 
 
-class ZClip(ClipMethod):
+class ZClip(ScalarClip):
     """Z-score adaptive clipping. For ``warmup_steps`` steps the norm is only recorded (and clipped at
     ``max_grad_norm`` if given); then mean and variance start from those norms and follow an EMA. A norm whose
     z-score exceeds ``z_thresh`` is clipped to ``mean + z_thresh * std / (z / z_thresh)`` (times ``clip_factor``):
@@ -209,8 +221,7 @@ class ZClip(ClipMethod):
         self.mean: torch.Tensor | None = None
         self.var: torch.Tensor | None = None
 
-    def clip_(self, params: Sequence[nn.Parameter], grads: Grads, layer_index: torch.Tensor,
-              layer_norms: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    def coefficient(self, total: torch.Tensor) -> torch.Tensor:
         g = total.float()
         if self.buffer is None:
             self.buffer = torch.zeros(self.warmup_steps, device=g.device)
@@ -235,9 +246,7 @@ class ZClip(ClipMethod):
             new_var = self.alpha * self.var + (1 - self.alpha) * (clip_val - new_mean).square()
             self.mean = torch.where(ok, new_mean, self.mean)
             self.var = torch.where(ok, new_var, self.var)
-        coef = torch.where(g > effective, effective / (g + 1e-6), torch.ones_like(g))
-        _scale_(grads, coef)
-        return g * coef
+        return torch.where(g > effective, effective / (g + 1e-6), torch.ones_like(g))
 
     def threshold(self) -> torch.Tensor | None:
         """The adaptive cap a norm at ``z = z_thresh`` would get: ``mean + z_thresh * std`` (None in warm-up)."""
@@ -252,7 +261,7 @@ class ZClip(ClipMethod):
         self.calls, self.buffer, self.mean, self.var = state["calls"], state["buffer"], state["mean"], state["var"]
 
 
-class AutoClip(ClipMethod):
+class AutoClip(ScalarClip):
     """Clip to the ``percentile``-th percentile of every gradient norm seen so far (the current one included),
     kept on the device in a ring of the last ``history`` norms.
 
@@ -270,8 +279,7 @@ class AutoClip(ClipMethod):
         self.norms: torch.Tensor | None = None
         self.count = 0  # host-side: how many slots are filled (no device read needed to slice)
 
-    def clip_(self, params: Sequence[nn.Parameter], grads: Grads, layer_index: torch.Tensor,
-              layer_norms: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    def coefficient(self, total: torch.Tensor) -> torch.Tensor:
         g = total.float()
         if self.norms is None:
             self.norms = torch.full((self.history,), float("nan"), device=g.device)
@@ -280,9 +288,7 @@ class AutoClip(ClipMethod):
         self.count += 1
         filled = self.norms[: min(self.count, self.history)]
         threshold = torch.nanquantile(filled, self.percentile / 100.0)
-        coef = (threshold / (g + 1e-6)).clamp(max=1.0)
-        _scale_(grads, coef)
-        return g * coef
+        return (threshold / (g + 1e-6)).clamp(max=1.0)
 
     def state_dict(self) -> dict[str, Any]:
         return {"norms": self.norms, "count": self.count}
