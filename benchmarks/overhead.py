@@ -2,7 +2,7 @@
 
 Interleaved rounds in one process: each round times every variant for a few steps, in a rotating order, so drift
 (thermal, other load) hits all variants alike. Reported: median per-step time over rounds, and its ratio to the
-plain step. Run: ``python benchmarks/overhead.py [--rounds N] [--steps K] [--only mlp|gpt2]``.
+plain step. Run: ``python benchmarks/overhead.py [--suite monitor|clip] [--rounds N] [--steps K] [--only mlp|gpt2]``.
 """
 
 from __future__ import annotations
@@ -48,14 +48,20 @@ def gpt2() -> tuple[nn.Module, LossOf]:
     return GPT2LMHeadModel(cfg), loss_of
 
 
-def variants(base: nn.Module, loss_of: LossOf) -> dict[str, Callable[[], None]]:
+def variants(base: nn.Module, loss_of: LossOf, suite: str) -> dict[str, Callable[[], None]]:
+    """The step functions to compare; the first one is the reference of the paired ratios."""
     out: dict[str, Callable[[], None]] = {}
 
-    def make(name: str, clip: bool, guard_kw: dict | None) -> None:
+    def make(name: str, clip: str | None, guard_kw: dict | None, fused: bool = False) -> None:
         model = copy.deepcopy(base)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused or None)
         loss_fn = loss_of(model)
         guard = gg.Guard(model, opt, console=False, **guard_kw) if guard_kw is not None else None
+        zc = None
+        if clip == "zclip":
+            from zclip import ZClip  # the reference package (bench extra)
+
+            zc = ZClip(max_grad_norm=None)
 
         def step() -> None:
             loss = loss_fn()
@@ -63,24 +69,35 @@ def variants(base: nn.Module, loss_of: LossOf) -> dict[str, Callable[[], None]]:
                 guard.observe_loss(loss)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            if clip:
+            if clip == "norm":
                 nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            elif zc is not None:
+                zc.step(model)
             opt.step()
 
         out[name] = step
 
-    make("plain", False, None)
-    make("plain + clip_grad_norm_", True, None)
-    make("plain + Guard (defaults)", False, {})
-    make("plain + Guard (sample_every=100, log_every=50)", False, {"sample_every": 100, "log_every": 50})
-    make("plain + Guard (sample_every=1, log_every=1)", False, {"sample_every": 1, "log_every": 1})
+    if suite == "monitor":
+        make("plain", None, None)
+        make("plain + clip_grad_norm_", "norm", None)
+        make("plain + Guard (defaults)", None, {})
+        make("plain + Guard (sample_every=100, log_every=50)", None, {"sample_every": 100, "log_every": 50})
+        make("plain + Guard (sample_every=1, log_every=1)", None, {"sample_every": 1, "log_every": 1})
+    else:  # clip: monitoring plus clipping against clipping alone
+        make("plain + clip_grad_norm_", "norm", None)
+        make("plain + Guard(clip=1.0)", None, {"clip": 1.0})
+        make("fused AdamW + clip_grad_norm_", "norm", None, fused=True)
+        make("fused AdamW + Guard(clip=1.0)", None, {"clip": 1.0}, fused=True)
+        make("plain + zclip package", "zclip", None)
+        make("plain + Guard(clip='zclip')", None, {"clip": "zclip"})
     return out
 
 
-def bench(name: str, build: Callable[[], tuple[nn.Module, LossOf]], rounds: int, steps: int) -> None:
+def bench(name: str, build: Callable[[], tuple[nn.Module, LossOf]], rounds: int, steps: int,
+          suite: str = "monitor") -> None:
     torch.manual_seed(0)
     base, loss_of = build()
-    vs = variants(base, loss_of)
+    vs = variants(base, loss_of, suite)
     names = list(vs)
     for fn in vs.values():  # warm-up: allocator, optimizer state, first-forward hooks
         for _ in range(3):
@@ -96,9 +113,10 @@ def bench(name: str, build: Callable[[], tuple[nn.Module, LossOf]], rounds: int,
     print(f"\n{name}: {sum(p.numel() for p in base.parameters()) / 1e6:.2f}M parameters, "
           f"{rounds} rounds x {steps} steps; median per step, and median over rounds of the ratio to the plain "
           "step of the same round (paired: drift between rounds cancels)")
-    print("| variant | ms/step | paired ratio to plain (IQR) |\n|---|---|---|")
+    ref = names[0]
+    print(f"| variant | ms/step | paired ratio to {ref} (IQR) |\n|---|---|---|")
     for n in names:
-        ratios = sorted(a / b for a, b in zip(times[n], times["plain"]))
+        ratios = sorted(a / b for a, b in zip(times[n], times[ref]))
         q1, q3 = ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4]
         print(f"| {n} | {1000 * statistics.median(times[n]):.2f} | {statistics.median(ratios):.3f}x "
               f"({q1:.3f}-{q3:.3f}) |")
@@ -110,13 +128,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--only", choices=["mlp", "gpt2"])
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--suite", choices=["monitor", "clip"], default="monitor")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, threads {args.threads}")
     if args.only in (None, "mlp"):
-        bench("mlp", mlp48, args.rounds, args.steps)
+        bench("mlp", mlp48, args.rounds, args.steps, args.suite)
     if args.only in (None, "gpt2"):
-        bench("gpt2", gpt2, args.rounds, max(2, args.steps // 3))
+        bench("gpt2", gpt2, args.rounds, max(2, args.steps // 3), args.suite)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,10 @@ def test_exploding_story_and_its_fixes(demo: tuple[str, Path]) -> None:
     sick = text[text.index("== exploding"):]
     assert sick.index("error: exploding") < sick.index("error: nonfinite")  # warned before the NaN
     assert "none (healthy)" in row(text, "lr 0.1")
+    repaired = row(text, "lr 1.0, repair='auto'")
+    assert "repaired: lr_backoff" in repaired
+    assert float(repaired.split("test accuracy")[1].split("%")[0]) > 90.0  # the ladder saved the run
+    assert float(row(text, "lr 1.0, clip norm 1").split("test accuracy")[1].split("%")[0]) < 50.0
 
 
 def test_modes_story_shows_the_mistakes_and_the_fix(demo: tuple[str, Path]) -> None:

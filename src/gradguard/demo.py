@@ -4,7 +4,8 @@ HTML report per run. Finishes in about a minute on 2 CPU cores. Needs ``pip inst
 
 - vanishing: a deep sigmoid MLP vs the same depth with ReLU + Kaiming; a tanh RNN vs an LSTM on the adding problem
   at T=100 (vanishing through time: the start of the sequence is forgotten);
-- exploding: a learning rate far too high, vs the same with gradient clipping, vs the learning rate backed off;
+- exploding: a learning rate far too high, untreated, with clipping alone, repaired by ``repair="auto"`` while it
+  trains, and set right by hand;
 - modes: the train/eval pitfalls (``gradguard.demo_modes``).
 """
 
@@ -131,11 +132,12 @@ def _slug(label: str) -> str:
 
 
 def _first_seen(guard: Guard) -> list[str]:
-    """Each diagnosis kind with the step it was first reported at."""
+    """Each diagnosis kind with the step it was first reported at, and the repairs made (clips left out)."""
     first: dict[str, int] = {}
     for d in guard.diagnoses:
         first.setdefault(d.kind, d.step)
-    return [f"{k} (step {s})" for k, s in first.items()]
+    repairs = sorted({a.kind for a in guard.actions if a.kind != "clip"})
+    return [f"{k} (step {s})" for k, s in first.items()] + ([f"repaired: {', '.join(repairs)}"] if repairs else [])
 
 
 def _report(log_dir: Path) -> Path | None:
@@ -148,13 +150,13 @@ def _report(log_dir: Path) -> Path | None:
 
 
 def _train_digits(story: str, label: str, model: nn.Module, lr: float, steps: int, out: Path, progress: _Progress,
-                  clip: float | None = None) -> Result:
+                  clip: float | None = None, repair: bool = False) -> Result:
     xtr, ytr, xte, yte = digits()
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     gen = torch.Generator().manual_seed(0)
     log_dir = out / story / _slug(label)
     tick = progress.task(label, steps)
-    with Guard(model, opt, console=sys.stdout, log_dir=log_dir) as guard:
+    with Guard(model, opt, console=sys.stdout, log_dir=log_dir, repair="auto" if repair else False) as guard:
         for _ in range(steps):
             idx = torch.randint(0, len(xtr), (64,), generator=gen)
             loss = nn.functional.cross_entropy(model(xtr[idx]), ytr[idx])
@@ -209,11 +211,13 @@ def vanishing(out: Path, progress: _Progress) -> list[Result]:
 
 
 def exploding(out: Path, progress: _Progress) -> list[Result]:
-    """A learning rate far too high; the same with clipping; the learning rate backed off 10x."""
+    """A learning rate far too high: untreated, with clipping alone, repaired by gradguard while it trains, and
+    set right by hand."""
     r = []
-    for label, lr, clip in (("lr 1.0", 1.0, None), ("lr 1.0, clip norm 1", 1.0, 1.0), ("lr 0.1", 0.1, None)):
+    for label, lr, clip, repair in (("lr 1.0", 1.0, None, False), ("lr 1.0, clip norm 1", 1.0, 1.0, False),
+                                    ("lr 1.0, repair='auto'", 1.0, None, True), ("lr 0.1", 0.1, None, False)):
         torch.manual_seed(0)
-        r.append(_train_digits("exploding", label, mlp(3, 128, nn.ReLU), lr, 200, out, progress, clip))
+        r.append(_train_digits("exploding", label, mlp(3, 128, nn.ReLU), lr, 300, out, progress, clip, repair))
     return r
 
 
