@@ -137,7 +137,7 @@ def _first_seen(guard: Guard) -> list[str]:
     for d in guard.diagnoses:
         first.setdefault(d.kind, d.step)
     repairs = sorted({a.kind for a in guard.actions if a.kind != "clip"})
-    return [f"{k} (step {s})" for k, s in first.items()] + ([f"repaired: {', '.join(repairs)}"] if repairs else [])
+    return [f"{k} (step {s})" for k, s in first.items()] + ([f"repaired: {'+'.join(repairs)}"] if repairs else [])
 
 
 def _report(log_dir: Path) -> Path | None:
@@ -237,7 +237,7 @@ def _table(results: list[Result]) -> None:
     table = Table(*headers, title="gradguard demo: each problem and its fix")
     for row in rows:
         table.add_row(*row)
-    Console(file=sys.stdout, width=160).print(table)
+    Console(file=sys.stdout, width=220).print(table)
 
 
 def main(story: str = "all", out_dir: str | Path = "gradguard-demo") -> int:
