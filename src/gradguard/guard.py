@@ -282,7 +282,9 @@ class Guard:
 
     @property
     def actions(self) -> list[Action]:
-        """What repair did (always empty with ``repair=False``)."""
+        """What gradguard did to the run, in order: clips (with ``clip=``), and with ``repair="auto"`` skipped steps,
+        learning-rate backoffs and restores, rollbacks. Reads pending statistics first."""
+        self._drain_safely()
         return list(self._actions)
 
     def mark_frozen(self, *modules: nn.Module) -> None:
