@@ -74,3 +74,22 @@ def test_two_models_two_optimizers_each_watched(tmp_path) -> None:
     assert (first["model"], first["optimizer"]) == ("Sequential", "SGD")  # the discriminator steps first
     assert (second["model"], second["optimizer"]) == ("G", "Adam")
     assert [lay["name"] for lay in second["layers"]] == ["body.0", "body.2"]  # named from the model's root
+
+
+def test_repair_flag_turns_the_ladder_on(tmp_path) -> None:
+    script = tmp_path / "hot.py"
+    script.write_text(
+        "import torch\nfrom torch import nn\ntorch.manual_seed(0)\n"
+        "m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))\n"
+        "opt = torch.optim.SGD(m.parameters(), lr=0.1)\n"
+        "for i in range(20):\n"
+        "    opt.zero_grad()\n"
+        "    loss = m(torch.randn(8, 4)).square().mean() * (float('nan') if i == 7 else 1.0)\n"
+        "    loss.backward(); opt.step()\n"
+        "print('finite', all(torch.isfinite(p).all().item() for p in m.parameters()))\n")
+    out = run("--repair", "--out", str(tmp_path / "r"), str(script))
+    assert out.returncode == 0, out.stderr
+    assert "finite True" in out.stdout  # the NaN step was skipped, not applied
+    events = [json.loads(x) for x in (tmp_path / "r" / "events.jsonl").read_text().splitlines()]
+    assert {"type": "action", "kind": "skip_step", "step": 7} in [
+        {k: e[k] for k in ("type", "kind", "step")} for e in events]

@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     run = sub.add_parser("run", help="run an unmodified training script with gradguard watching every optimizer")
     run.add_argument("--out", help="run directory (default: a new folder under ./gradguard-runs/)")
     run.add_argument("--log-every", type=int, default=10, help="steps between statistics reads (default 10)")
-    run.add_argument("--repair", action="store_true", help="repair while training (needs the repair ladder)")
+    run.add_argument("--repair", action="store_true", help="repair while training runs (Guard(repair='auto'))")
     run.add_argument("script", help="the Python script to run")
     run.add_argument("script_args", nargs=argparse.REMAINDER, help="its arguments, passed through unchanged")
     report = sub.add_parser("report", help="write a self-contained HTML report of a run directory")

@@ -93,7 +93,7 @@ class Watcher:
             log_dir = self.out if not self.guards else self.out / f"optimizer-{len(self.guards)}"
             # The Guard registers its own step hooks on this optimizer now; they run for this very step.
             self.guards.append(Guard(model, optimizer, log_every=self.log_every, log_dir=log_dir,
-                                     repair=self.repair or False))
+                                     repair="auto" if self.repair else False))
         except Exception as e:  # the user's script must run on regardless
             print(f"[gradguard] could not watch {type(optimizer).__name__}: {e}", file=sys.stderr, flush=True)
 
@@ -112,8 +112,6 @@ def run(script: str, args: list[str], out: str | None = None, log_every: int = 1
     path = Path(script)
     if not path.is_file():
         raise RunError(f"no such script: {script}")
-    if repair:
-        raise RunError("--repair needs the repair ladder, which this version of gradguard does not have yet")
     out_dir = Path(out) if out else default_out_dir(path)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,9 @@ from .reporter import Verdict
 
 REMEDIES = [
     "lower the learning rate (try 3-10x smaller) or add/lengthen learning-rate warm-up",
-    "clip the gradient norm before optimizer.step(): torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)",
+    "clip the gradient norm: Guard(model, optimizer, clip=1.0), or adaptively with clip='zclip'",
+    "let gradguard repair while training runs: Guard(model, optimizer, repair='auto') skips bad steps, clips "
+    "spikes, backs the learning rate off and rolls back on divergence",
     "check the initialisation scale of the layers named: gain too high for their activation",
 ]
 

@@ -11,8 +11,8 @@ from .history import History
 from .reporter import Verdict
 
 REMEDIES = [
-    "lower the learning rate, or clip gradients (torch.nn.utils.clip_grad_norm_) if exploding came first",
-    "skip steps whose gradients are non-finite instead of applying them (check before optimizer.step())",
+    "skip non-finite steps automatically, optimizer state untouched: Guard(model, optimizer, repair='auto')",
+    "lower the learning rate, or clip gradients (Guard(clip=1.0)) if exploding came first",
     "guard the op that produced it: add an epsilon inside log/sqrt/division, clamp exp inputs",
     "under fp16 use torch.amp.GradScaler, or train in bf16",
 ]

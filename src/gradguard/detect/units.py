@@ -14,7 +14,7 @@ DEAD_REMEDIES = [
     "re-initialise the layer before it (Kaiming, zero or small positive bias) or add BatchNorm before the ReLU",
 ]
 SAT_REMEDIES = [
-    "scale the initial weights down (Xavier/Glorot for sigmoid/tanh: torch.nn.init.xavier_uniform_)",
+    "scale the initial weights down (Xavier/Glorot with the activation's gain: gradguard.reinit(model, 'xavier'))",
     "normalise the inputs of the layer (standardise features, BatchNorm/LayerNorm before the activation)",
     "use a non-saturating activation (ReLU family) in hidden layers",
 ]

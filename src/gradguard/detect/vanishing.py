@@ -19,14 +19,17 @@ from .history import History, Thresholds, layer_flow, nanmedian, update_ratios
 from .reporter import Verdict
 
 REMEDIES_DEPTH = [
-    "use a ReLU-family activation (ReLU, LeakyReLU, GELU) instead of sigmoid/tanh in hidden layers",
+    "use a ReLU-family activation (ReLU, LeakyReLU, GELU) instead of sigmoid/tanh in hidden layers: "
+    "gradguard.swap_activations(model) then gradguard.reinit(model, 'kaiming'); gradguard.doctor(...) tries the "
+    "candidates in short runs and ranks them",
     "initialise with the gain of the activation that follows each layer: Kaiming for ReLU, Xavier for tanh "
-    "(torch.nn.init.kaiming_normal_), or data-driven LSUV",
+    "(gradguard.reinit(model, 'kaiming')), or data-driven LSUV (gradguard.reinit(model, 'lsuv', data=x))",
     "add normalisation (BatchNorm/LayerNorm) or residual connections",
 ]
 REMEDIES_TIME = [
     "use a gated recurrent layer (LSTM/GRU) instead of a plain RNN; for an LSTM set the forget-gate bias to 1",
-    "initialise recurrent weights orthogonally or as the identity with ReLU (IRNN, Le et al. 2015)",
+    "initialise recurrent weights orthogonally or as the identity with ReLU (IRNN, Le et al. 2015): "
+    "gradguard.reinit(model, 'orthogonal') or gradguard.reinit(model, 'identity')",
     "shorten the sequences the gradient must cross (truncated BPTT, attention, or a reversed input order)",
 ]
 
