@@ -43,6 +43,8 @@ from .stats.norms import LayerNorms, total_norm
 from .stats.sentinel import Origin, locate, locate_rng, rng_state, same_rng
 from .types import Action, Diagnosis
 
+_ABSENT = object()  # "the optimizer had no such attribute", as opposed to one set to None
+
 # Columns of a step row: total gradient norm, loss, total norm after clipping, whether GradScaler found inf/NaN
 # (and so skips the step itself), then the per-layer gradient norms.
 TOTAL, LOSS, CLIPPED, SCALER_INF, HEAD = 0, 1, 2, 3, 4
@@ -98,7 +100,8 @@ class Guard:
             steps into host memory). Each repair is an Action in ``guard.actions`` and events.jsonl. The skip costs
             one small host read per step on an accelerator unless the optimizer is fused (then the fused kernel's
             ``found_inf`` does it on the device), as torch.amp.GradScaler does.
-        lr_backoff, snapshot_every, max_rollbacks: settings of the repair ladder.
+        lr_backoff, lr_restore_after, snapshot_every, max_rollbacks: settings of the repair ladder (backoff
+            factor, stable steps before each step back up, steps between snapshots, rollbacks before giving up).
         log_every: steps between host reads of the statistics (one copy each); detectors run then.
         sample_every: steps between the costlier samples (weight norms and update ratios, activation and
             time-step gradient statistics).
@@ -147,6 +150,7 @@ class Guard:
         stochastic: Iterable[nn.Module] = (),
         clip: float | str | ClipMethod | None = None,
         lr_backoff: float = 0.5,
+        lr_restore_after: int = 100,
         snapshot_every: int = 100,
         max_rollbacks: int = 3,
     ) -> None:
@@ -175,7 +179,8 @@ class Guard:
         self.thresholds = thresholds or Thresholds()
         self.ema_beta = ema_beta
         self.clip = make_clip(clip)
-        self.ladder = Ladder(lr_backoff, snapshot_every=snapshot_every, max_rollbacks=max_rollbacks) if repair else None
+        self.ladder = (Ladder(lr_backoff, restore_after=lr_restore_after, snapshot_every=snapshot_every,
+                              max_rollbacks=max_rollbacks) if repair else None)
         if self.ladder is not None and self.clip is None:
             self.clip = ZClip()  # rung 2: spikes are clipped adaptively
         self._recorded = False  # the repaired step measured already; the pre-hook must not measure twice
@@ -428,7 +433,7 @@ class Guard:
             if self.ladder is None:
                 self._restore_fused_flags()  # the repaired step restores its own after the step
             if _closure_given(args, kwargs):
-                self._record_step(snapshot=False)
+                self._record_step(snapshot=False, clip=False)  # after the step: nothing left to clip
             elif self._snapshot is not None:
                 step, wnorm, before = self._snapshot
                 self._snapshot = None
@@ -510,13 +515,21 @@ class Guard:
         per step on an accelerator (free on the CPU), as torch.amp.GradScaler does."""
         assert self.optimizer is not None
         bad = ~torch.isfinite(self._last_total)
-        if self._fused():
+        if self._fused() and self._state_ready():
             flag = bad.to(torch.float32)
             prior = getattr(self.optimizer, "found_inf", None)  # GradScaler's own flag: combine, not replace
             self._set_fused_attr("found_inf", torch.maximum(prior, flag.to(prior.device)) if prior is not None
                                  else flag)
             return False
         return bool(bad)  # the documented per-step host read (see above)
+
+    def _state_ready(self) -> bool:
+        """Whether every parameter already has optimizer state. Before that (the first step), a fused kernel
+        told to skip would still create state (fused SGD even leaves an uninitialised momentum buffer), so the
+        flag is read on the host instead: once, at the start."""
+        assert self.optimizer is not None
+        state = self.optimizer.state
+        return all(len(state.get(p, {})) > 0 for g in self.optimizer.param_groups for p in g["params"])
 
     def _fused(self) -> bool:
         return self.optimizer is not None and all(g.get("fused") for g in self.optimizer.param_groups)
@@ -525,8 +538,8 @@ class Guard:
         """Set ``grad_scale`` / ``found_inf`` for this step's fused kernel, remembering what was there (GradScaler
         sets them too); ``_restore_fused_flags`` puts it back after the step."""
         opt: Any = self.optimizer
-        if self._fused_saved is None:
-            self._fused_saved = (getattr(opt, "grad_scale", None), getattr(opt, "found_inf", None))
+        if self._fused_saved is None:  # absent and None differ: GradScaler later deletes what it set to None
+            self._fused_saved = (opt.__dict__.get("grad_scale", _ABSENT), opt.__dict__.get("found_inf", _ABSENT))
         setattr(opt, name, value)
 
     def _restore_fused_flags(self) -> None:
@@ -536,7 +549,7 @@ class Guard:
         grad_scale, found_inf = self._fused_saved
         self._fused_saved = None
         for name, value in (("grad_scale", grad_scale), ("found_inf", found_inf)):
-            if value is None:
+            if value is _ABSENT:
                 opt.__dict__.pop(name, None)
             else:
                 setattr(opt, name, value)
@@ -674,7 +687,7 @@ class Guard:
                 self._order.append(name)
         return hook
 
-    def _record_step(self, snapshot: bool) -> None:
+    def _record_step(self, snapshot: bool, clip: bool = True) -> None:
         """Measure this step's gradients on the device and queue the row. No host read unless ``immediate``."""
         if self._order_handles:
             for h in self._order_handles:
@@ -701,7 +714,7 @@ class Guard:
         else:
             loss = torch.zeros((), dtype=torch.float32, device=self.device)
         self._loss_sum, self._loss_host, self._loss_n = None, 0.0, 0
-        clipped = self._clip_step(params, gnorm, total) if self.clip is not None else total
+        clipped = self._clip_step(params, gnorm, total) if self.clip is not None and clip else total
         skipped_by_scaler = (scaler_inf.to(self.device).float().reshape(()) if isinstance(scaler_inf, torch.Tensor)
                              else torch.zeros((), device=self.device))
         self._rows.append(torch.cat([torch.stack([total, loss, clipped, skipped_by_scaler]), gnorm]))
@@ -740,6 +753,13 @@ class Guard:
             index = index.pin_memory().to(self.device, non_blocking=True) if self.device.type != "cpu" else index
             self._clip_index[present] = index
         ps = [params[i] for i in present]
+        scale = getattr(self.optimizer, "grad_scale", None)
+        if self._fused() and isinstance(scale, torch.Tensor) and not isinstance(self.clip, ScalarClip):
+            # GradScaler left the unscaling to the fused kernel; a value or unit-wise clip needs true gradients:
+            # unscale here, and tell the kernel there is nothing left to divide.
+            grads = [p.grad for p in ps if p.grad is not None]
+            torch._foreach_div_(grads, scale.to(grads[0].device).float())
+            self._set_fused_attr("grad_scale", torch.ones_like(scale))
         if self._fused() and isinstance(self.clip, ScalarClip):
             # The fused kernel divides the gradients by grad_scale as it reads them: clipping costs no extra pass.
             coef = self.clip.coefficient(total)
@@ -951,6 +971,7 @@ class Guard:
             except Exception:
                 pass
         self._failed = True
+        self._restore_fused_flags()
         self._remove_hooks()
         tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__, limit=-3))
         warnings.warn(f"gradguard switched itself off after an internal error; training is unaffected. "

@@ -69,18 +69,23 @@ def test_lsuv_gives_unit_output_variance_layer_by_layer() -> None:
 
 
 def test_zero_residual_ends() -> None:
-    class Block(nn.Module):
+    class Bottleneck(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.fc1, self.fc2 = nn.Linear(4, 4), nn.Linear(4, 4)
+            self.fc1, self.bn1 = nn.Linear(4, 4), nn.BatchNorm1d(4)
+            self.fc2, self.bn2 = nn.Linear(4, 4), nn.BatchNorm1d(4)
+            self.fc3, self.bn3 = nn.Linear(4, 4), nn.BatchNorm1d(4)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return x + self.fc2(torch.relu(self.fc1(x)))
+            h = torch.relu(self.bn1(self.fc1(x)))
+            h = torch.relu(self.bn2(self.fc2(h)))
+            return torch.relu(x + self.bn3(self.fc3(h)))
 
-    m = nn.Sequential(Block(), Block())
-    assert gg.reinit(m, "zero_residual") == ["0.fc2", "1.fc2"]
-    x = torch.randn(3, 4)
-    assert torch.equal(m(x), x)  # every block starts as the identity
+    m = nn.Sequential(Bottleneck(), Bottleneck())
+    assert gg.reinit(m, "zero_residual") == ["0.bn3", "1.bn3"]  # the branch end only, not bn2 as well
+    assert torch.equal(m[0].bn2.weight, torch.ones(4))
+    x = torch.randn(3, 4).abs()
+    assert torch.equal(m(x), x)  # every block starts as the identity (on a non-negative input)
     with pytest.raises(ValueError, match="unknown scheme"):
         gg.reinit(m, "magic")
 

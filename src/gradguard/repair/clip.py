@@ -35,6 +35,14 @@ def _total(grads: Grads) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.cat(norms))
 
 
+def _host(t: torch.Tensor | None) -> Any:
+    return None if t is None else t.detach().cpu().tolist()  # checkpoint-time host read
+
+
+def _tensor(v: Any) -> torch.Tensor | None:
+    return None if v is None else torch.tensor(v, dtype=torch.float32)  # moved to the norms' device on use
+
+
 def _scale_(grads: Grads, coef: torch.Tensor) -> None:
     if grads:
         torch._foreach_mul_(list(grads), coef.to(grads[0].device))
@@ -225,13 +233,17 @@ class ZClip(ScalarClip):
         g = total.float()
         if self.buffer is None:
             self.buffer = torch.zeros(self.warmup_steps, device=g.device)
+        elif self.buffer.device != g.device:  # restored from a state dict
+            self.buffer = self.buffer.to(g.device)
+            self.mean = self.mean.to(g.device) if self.mean is not None else None
+            self.var = self.var.to(g.device) if self.var is not None else None
         cap = torch.full_like(g, self.max_grad_norm) if self.max_grad_norm is not None else None
         if self.calls < self.warmup_steps:
-            self.buffer[self.calls] = g
+            self.buffer[self.calls] = torch.where(torch.isfinite(g), g, torch.full_like(g, float("nan")))
             self.calls += 1
-            if self.calls == self.warmup_steps:  # start the EMA from the warm-up norms (population variance)
-                self.mean = self.buffer.mean()
-                self.var = (self.buffer - self.mean).square().mean()
+            if self.calls == self.warmup_steps:  # start the EMA from the finite warm-up norms (population var.)
+                self.mean = self.buffer.nanmean()
+                self.var = (self.buffer - self.mean).square().nanmean()
             effective = cap if cap is not None else g
         else:
             assert self.mean is not None and self.var is not None
@@ -242,8 +254,10 @@ class ZClip(ScalarClip):
             clip_val = torch.where(z > self.z_thresh, adaptive, g)
             effective = torch.minimum(clip_val, cap) if cap is not None else clip_val
             ok = torch.isfinite(clip_val)
-            new_mean = self.alpha * self.mean + (1 - self.alpha) * clip_val
-            new_var = self.alpha * self.var + (1 - self.alpha) * (clip_val - new_mean).square()
+            fresh = ~torch.isfinite(self.mean)  # a warm-up without one finite norm: start from this one
+            new_mean = torch.where(fresh, clip_val, self.alpha * self.mean + (1 - self.alpha) * clip_val)
+            new_var = torch.where(fresh, torch.zeros_like(clip_val),
+                                  self.alpha * self.var + (1 - self.alpha) * (clip_val - new_mean).square())
             self.mean = torch.where(ok, new_mean, self.mean)
             self.var = torch.where(ok, new_var, self.var)
         return torch.where(g > effective, effective / (g + 1e-6), torch.ones_like(g))
@@ -255,10 +269,12 @@ class ZClip(ScalarClip):
         return self.mean + self.z_thresh * self.var.sqrt()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"calls": self.calls, "buffer": self.buffer, "mean": self.mean, "var": self.var}
+        """Plain values (a host read: at checkpoint time, not per step)."""
+        return {"calls": self.calls, "buffer": _host(self.buffer), "mean": _host(self.mean), "var": _host(self.var)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.calls, self.buffer, self.mean, self.var = state["calls"], state["buffer"], state["mean"], state["var"]
+        self.calls = int(state["calls"])
+        self.buffer, self.mean, self.var = (_tensor(state["buffer"]), _tensor(state["mean"]), _tensor(state["var"]))
 
 
 class AutoClip(ScalarClip):
@@ -283,6 +299,8 @@ class AutoClip(ScalarClip):
         g = total.float()
         if self.norms is None:
             self.norms = torch.full((self.history,), float("nan"), device=g.device)
+        elif self.norms.device != g.device:  # restored from a state dict
+            self.norms = self.norms.to(g.device)
         # A non-finite norm is stored as NaN, and nanquantile leaves NaN out.
         self.norms[self.count % self.history] = torch.where(torch.isfinite(g), g, torch.full_like(g, float("nan")))
         self.count += 1
@@ -291,10 +309,11 @@ class AutoClip(ScalarClip):
         return (threshold / (g + 1e-6)).clamp(max=1.0)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"norms": self.norms, "count": self.count}
+        """Plain values (a host read: at checkpoint time, not per step)."""
+        return {"norms": _host(self.norms), "count": self.count}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.norms, self.count = state["norms"], state["count"]
+        self.norms, self.count = _tensor(state["norms"]), int(state["count"])
 
 
 def make_clip(spec: float | str | ClipMethod | None) -> ClipMethod | None:

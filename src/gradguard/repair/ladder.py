@@ -152,7 +152,13 @@ class Ladder:
         assert self.snapshot is not None
         snap = self.snapshot
         model.load_state_dict(snap.model)
+        # The learning rates in force now are the scheduler's (and the snapshot may have been taken inside a step
+        # with the ladder's multiplier applied): keep them, restore everything else.
+        current: list[dict[str, Any]] = [{k: g[k] for k in ("lr", "initial_lr") if k in g}
+                                         for g in optimizer.param_groups]
         optimizer.load_state_dict(copy.deepcopy(snap.optimizer))
+        for g, keep in zip(optimizer.param_groups, current):
+            g.update(keep)
         self.rollbacks += 1
         self.last_rollback = step
         self.lr_mult = min(snap.lr_mult, self.lr_mult) * self.lr_backoff ** 2

@@ -20,7 +20,7 @@ ACTIVATION_GAIN_NAMES: dict[type[nn.Module], str] = {
     nn.SELU: "selu", nn.GELU: "relu", nn.SiLU: "relu", nn.ELU: "relu",
 }
 WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-RESIDUAL_ENDS = ("bn2", "bn3", "c_proj", "out_proj", "fc2", "down_proj", "proj_out")
+RESIDUAL_ENDS = ("bn2", "bn3", "c_proj", "out_proj", "down_proj", "proj_out")
 
 
 def swap_activations(model: nn.Module, old: type[nn.Module] | tuple[type[nn.Module], ...] = (nn.Sigmoid, nn.Tanh),
@@ -78,7 +78,8 @@ def reinit(model: nn.Module, scheme: str = "kaiming", *, data: torch.Tensor | No
             "orthogonal" (recurrent weights orthogonal, input weights Xavier, LSTM forget-gate bias 1),
             "identity" (IRNN: plain RNN with identity recurrent weights, ReLU, small input weights), "lsuv"
             (orthogonal, then each layer scaled until its output variance on ``data`` is 1), "zero_residual"
-            (the last layer of each residual branch, found by name, set to zero).
+            (the last layer of each residual branch, found by name: the last module named in ``residual_ends``
+            within each block; pass ``residual_ends`` for other naming schemes).
         data: a batch of inputs, for "lsuv". forward: how to call the model on ``data`` (default ``model(data)``).
 
     Returns:
@@ -128,13 +129,17 @@ def reinit(model: nn.Module, scheme: str = "kaiming", *, data: torch.Tensor | No
                 raise ValueError("reinit(scheme='lsuv') needs a batch of inputs: reinit(model, 'lsuv', data=x)")
             changed = _lsuv(model, data, lsuv_tol, lsuv_iters, forward)
         elif scheme == "zero_residual":
+            # By name, and only the last match within each block (a bottleneck's bn3, not its bn2 as well).
             ends = tuple(residual_ends)
+            last: dict[str, tuple[str, nn.Module]] = {}
             for name, m in model.named_modules():
                 if name.rpartition(".")[2] in ends and getattr(m, "weight", None) is not None:
-                    nn.init.zeros_(m.weight)
-                    if getattr(m, "bias", None) is not None:
-                        nn.init.zeros_(m.bias)
-                    changed.append(name)
+                    last[name.rpartition(".")[0]] = (name, m)
+            for name, m in last.values():
+                nn.init.zeros_(getattr(m, "weight"))  # noqa: B009 - typed as Tensor | Module on nn.Module
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(getattr(m, "bias"))  # noqa: B009
+                changed.append(name)
         else:
             raise ValueError(f"unknown scheme {scheme!r}: use kaiming, xavier, orthogonal, identity, lsuv or "
                              "zero_residual")
