@@ -192,7 +192,7 @@ def _train_adding(story: str, label: str, model: nn.Module, steps: int, out: Pat
         kinds = _first_seen(guard)
     x, y = adding_batch(512, length, torch.Generator().manual_seed(1))
     with torch.no_grad():
-        mse = nn.functional.mse_loss(model.eval()(x), y).item()
+        mse = nn.functional.mse_loss(model.eval()(x), y).item()  # demo output, after training
     return Result(story, label, "test MSE (1/6 = guessing)", mse, kinds, _report(log_dir))
 
 

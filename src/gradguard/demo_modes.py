@@ -1,6 +1,7 @@
 """``gradguard demo modes``: what forgetting ``model.eval()`` (or restoring modes wrongly) does, in numbers.
 
-A small MLP with BatchNorm and Dropout is trained on scikit-learn's digits, then evaluated three ways:
+A small MLP with BatchNorm and Dropout is trained on scikit-learn's digits, then evaluated three ways (the numbers
+printed are read on the host on purpose: this is a demonstration after training, not a training loop):
 ``torch.no_grad()`` alone (still in training mode), ``model.eval()`` + ``torch.no_grad()``, and
 ``gradguard.inference(model)``. A Guard attached to the model says what went wrong, as it happens.
 """
