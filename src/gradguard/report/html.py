@@ -145,6 +145,9 @@ def figures(run: Run) -> dict[str, str]:
     if any(math.isfinite(v) for v in loss):
         fig, ax = plt.subplots(figsize=(9, 2.6))
         ax.plot(steps, loss, color="#117a65")
+        finite = [v for v in loss if math.isfinite(v)]
+        if finite and min(finite) > 0 and max(finite) / min(finite) > 1e3:
+            ax.set_yscale("log")  # a divergence would flatten everything else to a line
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("loss")
         _markers(ax, run)
