@@ -417,14 +417,18 @@ class Guard:
         if self._closed or self._failed:
             return
         try:
-            if self._eval_in_training:  # flag-dependent modules were in eval during this step's forward
-                self._emit(mode_rules.eval_mode_training(self.step, self._eval_in_training))
-                self._eval_in_training = []
+            self._judge_eval_in_training()
             if not _closure_given(args, kwargs) and not self._recorded:
                 self._record_step(snapshot=True)
             # With a closure (LBFGS) the gradients exist only once step() has run it: record in the post hook.
         except Exception as e:  # never crash the user's training step
             self._internal_failure(e)
+
+    def _judge_eval_in_training(self) -> None:
+        """At an optimizer step: flag-dependent modules were in eval during this step's forward."""
+        if self._eval_in_training:
+            self._emit(mode_rules.eval_mode_training(self.step, self._eval_in_training))
+            self._eval_in_training = []
 
     def _post_step_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if self._closed or self._failed:
@@ -484,9 +488,7 @@ class Guard:
         if self._closed or self._failed or _closure_given(args, kwargs):
             return self._orig_step(*args, **kwargs)
         try:
-            if self._eval_in_training:
-                self._emit(mode_rules.eval_mode_training(self.step, self._eval_in_training))
-                self._eval_in_training = []
+            self._judge_eval_in_training()
             self._record_step(snapshot=True)
             self._recorded = True
             skip = self._skip_decision()
