@@ -123,6 +123,10 @@ class Guard:
             clipped step is recorded as an Action of kind "clip".
         stochastic: modules that sample on purpose in eval mode (a VAE's sampler, a diffusion step);
             ``stochastic_inference`` leaves them alone. ``mark_stochastic()`` adds more later.
+        sinks: more places for the records (``gradguard.report`` has TensorBoard, Weights & Biases and MLflow
+            sinks; anything with ``write(record)`` and ``close()`` works): each diagnosis and action as it is
+            found, and one ``{"type": "stats", ...}`` record per statistics read (the fields of a stats.jsonl
+            line). They are closed by ``close()``.
 
     Mode checks (hooks on the root module only): ``train_mode_inference`` (a forward with gradients off while
     flag-dependent modules are in training), ``inference_mutates_state`` (buffers changed by such a forward or an
@@ -153,6 +157,7 @@ class Guard:
         lr_restore_after: int = 100,
         snapshot_every: int = 100,
         max_rollbacks: int = 3,
+        sinks: Iterable[Sink] = (),
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Guard needs a torch.nn.Module, got {type(model).__name__}")
@@ -184,6 +189,7 @@ class Guard:
         if self.ladder is not None and self.clip is None:
             self.clip = ZClip()  # rung 2: spikes are clipped adaptively
         self._recorded = False  # the repaired step measured already; the pre-hook must not measure twice
+        self._external = False  # record_gradients() measured this step (a framework callback, before its clip)
         self._step_wrapper: Callable[..., Any] | None = None
         self._orig_step: Callable[..., Any] | None = None
         self._fused_saved: tuple[Any, Any] | None = None
@@ -246,6 +252,11 @@ class Guard:
             self._sinks.append(JsonlSink(self.log_dir / "events.jsonl"))
             self._stats_sink = JsonlSink(self.log_dir / "stats.jsonl")
             self._write_meta()
+        self._own_sinks = len(self._sinks)  # console and events.jsonl take events only; the user's take stats too
+        for sink in sinks:
+            if not (callable(getattr(sink, "write", None)) and callable(getattr(sink, "close", None))):
+                raise TypeError(f"a sink needs write(record) and close() methods; got {type(sink).__name__}")
+            self._sinks.append(sink)
 
         named = list(self.inner.named_modules())
         self._sampler = ActivationSampler([] if self.compiled else named)
@@ -354,6 +365,37 @@ class Guard:
         self._drain_safely()
         return self._diagnoses[before:]
 
+    def record_gradients(self, found_inf: torch.Tensor | None = None) -> None:
+        """Measure this step's gradients now; the optimizer's hooks then leave this step alone.
+
+        For frameworks that change the gradients between ``backward()`` and ``optimizer.step()`` (Lightning and
+        transformers clip there): call it first, so the statistics and diagnoses describe the gradients as the
+        model produced them. With ``clip=``, gradguard clips here too. Never synchronises.
+
+        Args:
+            found_inf: a GradScaler's overflow flag for this step (the sum of its per-device ``found_inf``), when
+                the gradients were unscaled by ``scaler.unscale_`` and the scaler may still skip the step: such a
+                step is not counted and raises no ``nonfinite`` (the scaler handles it).
+
+        Raises:
+            RuntimeError: the Guard is closed, or has no optimizer (use ``check()`` then).
+        """
+        if self._closed:
+            raise RuntimeError("this Guard is closed; create a new gradguard.Guard to keep recording")
+        if self.optimizer is None:
+            raise RuntimeError("record_gradients() needs the optimizer that takes the step; without one, call "
+                               "check() after backward()")
+        if self._failed:
+            return
+        try:
+            # A record whose step never came (the scaler skipped it) is dropped at the read by its flag; the new
+            # one replaces it, under the same step number.
+            self._judge_eval_in_training()
+            self._record_step(snapshot=True, found_inf=found_inf)
+            self._external = True
+        except Exception as e:  # never crash the user's training step
+            self._internal_failure(e)
+
     def close(self) -> None:
         """Read pending statistics, remove every hook, flush and close the sinks. Safe to call twice."""
         if self._closed:
@@ -418,7 +460,7 @@ class Guard:
             return
         try:
             self._judge_eval_in_training()
-            if not _closure_given(args, kwargs) and not self._recorded:
+            if not _closure_given(args, kwargs) and not self._recorded and not self._external:
                 self._record_step(snapshot=True)
             # With a closure (LBFGS) the gradients exist only once step() has run it: record in the post hook.
         except Exception as e:  # never crash the user's training step
@@ -436,13 +478,14 @@ class Guard:
         try:
             if self.ladder is None:
                 self._restore_fused_flags()  # the repaired step restores its own after the step
-            if _closure_given(args, kwargs):
+            if _closure_given(args, kwargs) and not self._external:
                 self._record_step(snapshot=False, clip=False)  # after the step: nothing left to clip
             elif self._snapshot is not None:
                 step, wnorm, before = self._snapshot
                 self._snapshot = None
                 torch._foreach_sub_(before, [p.detach() for p in self.layers.params])  # in place: w_before - w_after
                 self._samples.append((step, wnorm, self._layer_norms(before)))
+            self._external = False
             self._end_step()
         except Exception as e:
             self._internal_failure(e)
@@ -488,8 +531,9 @@ class Guard:
         if self._closed or self._failed or _closure_given(args, kwargs):
             return self._orig_step(*args, **kwargs)
         try:
-            self._judge_eval_in_training()
-            self._record_step(snapshot=True)
+            if not self._external:  # else record_gradients() measured (and clipped) this step already
+                self._judge_eval_in_training()
+                self._record_step(snapshot=True)
             self._recorded = True
             skip = self._skip_decision()
         except Exception as e:  # never crash the user's training step
@@ -497,7 +541,7 @@ class Guard:
             self._internal_failure(e)
             return self._orig_step(*args, **kwargs)
         if skip:
-            self._recorded = False
+            self._recorded = self._external = False
             self._snapshot = None
             self._restore_fused_flags()
             self._act(Action("skip_step", self.step, {"why": "non-finite gradients"}))
@@ -689,7 +733,7 @@ class Guard:
                 self._order.append(name)
         return hook
 
-    def _record_step(self, snapshot: bool, clip: bool = True) -> None:
+    def _record_step(self, snapshot: bool, clip: bool = True, found_inf: torch.Tensor | None = None) -> None:
         """Measure this step's gradients on the device and queue the row. No host read unless ``immediate``."""
         if self._order_handles:
             for h in self._order_handles:
@@ -704,7 +748,7 @@ class Guard:
         if isinstance(scale, torch.Tensor):
             # GradScaler lets a fused optimizer unscale inside its kernel: the .grad we read are still scaled.
             gnorm = torch.where(gnorm >= 0, gnorm / scale.to(gnorm.device).float(), gnorm)
-        scaler_inf = getattr(opt, "found_inf", None)
+        scaler_inf = found_inf if found_inf is not None else getattr(opt, "found_inf", None)
         total = total_norm(gnorm)
         self._last_total = total
         seen = self._loss_n > 0
@@ -873,8 +917,12 @@ class Guard:
             self._emit(verdict)
         if self.ladder is not None:
             self._climb_ladder(h, n_rows, verdicts)
-        if self._stats_sink is not None and n_rows:
-            self._stats_sink.write(self._stats_record(h, rows))
+        if n_rows and (self._stats_sink is not None or len(self._sinks) > self._own_sinks):
+            record = self._stats_record(h, rows)
+            if self._stats_sink is not None:
+                self._stats_sink.write(record)
+            for sink in self._sinks[self._own_sinks:]:
+                sink.write({"type": "stats", **record})
 
     def _climb_ladder(self, h: History, n_rows: int, verdicts: list[Verdict]) -> None:
         """Rungs 3 and 4, decided at a statistics read; plus the snapshot of a healthy run."""
