@@ -37,7 +37,8 @@ def test_measures_before_a_framework_clip_with_and_without_closure() -> None:
         for _ in range(6):
             x = torch.randn(8, 6, generator=gen) * 10
 
-            def closure(x: torch.Tensor = x) -> torch.Tensor:
+            def closure(x: torch.Tensor = x, model: nn.Module = model, opt: torch.optim.Optimizer = opt,
+                        guard: gg.Guard = guard, expected: list[float] = expected) -> torch.Tensor:
                 opt.zero_grad()
                 loss = model(x).square().mean()
                 loss.backward()

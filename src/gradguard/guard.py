@@ -38,8 +38,9 @@ from .repair.clip import ClipMethod, ScalarClip, ZClip, make_clip
 from .repair.ladder import Ladder
 from .report.sinks import ConsoleSink, JsonlSink, Sink
 from .stats.activations import ActivationSampler
+from .stats.distributed import all_reduce_sum, has_collective_forward, is_sharded, local, world
 from .stats.layers import LayerMap, build_layer_map, is_compiled, unwrap
-from .stats.norms import LayerNorms, total_norm
+from .stats.norms import LayerNorms, finish, total_norm
 from .stats.sentinel import Origin, locate, locate_rng, rng_state, same_rng
 from .types import Action, Diagnosis
 
@@ -242,6 +243,15 @@ class Guard:
         self._stochastic_where: list[str] | None = None
         self._rng_explained = False
 
+        # torch.distributed: every rank measures and decides (the same numbers: see stats/distributed.py); only
+        # rank 0 prints and writes logs.
+        self.rank, self.world = world()
+        self._sharded = self.world > 1 and any(is_sharded(p) for p in self.layers.params)
+        self._pending_update: tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
+        # A replay re-runs the forward on this rank alone: never where a forward talks to the other ranks.
+        self._can_replay = self.world == 1 or not has_collective_forward(self.inner)
+        if self.rank != 0:
+            console, log_dir = False, None
         self._sinks: list[Sink] = []
         self._stats_sink: JsonlSink | None = None
         if console:
@@ -252,11 +262,12 @@ class Guard:
             self._sinks.append(JsonlSink(self.log_dir / "events.jsonl"))
             self._stats_sink = JsonlSink(self.log_dir / "stats.jsonl")
             self._write_meta()
+        self._idle_sinks: list[Sink] = []  # the user's sinks on ranks other than 0: closed, never written
         self._own_sinks = len(self._sinks)  # console and events.jsonl take events only; the user's take stats too
         for sink in sinks:
             if not (callable(getattr(sink, "write", None)) and callable(getattr(sink, "close", None))):
                 raise TypeError(f"a sink needs write(record) and close() methods; got {type(sink).__name__}")
-            self._sinks.append(sink)
+            self._sinks.append(sink) if self.rank == 0 else self._idle_sinks.append(sink)
 
         named = list(self.inner.named_modules())
         self._sampler = ActivationSampler([] if self.compiled else named)
@@ -401,11 +412,12 @@ class Guard:
         if self._closed:
             return
         try:
+            self._settle_pending_update()
             self._drain_safely()
         finally:
             self._closed = True
             self._remove_hooks()
-            for s in self._sinks:
+            for s in self._sinks + self._idle_sinks:
                 s.close()
             if self._stats_sink is not None:
                 self._stats_sink.close()
@@ -483,8 +495,12 @@ class Guard:
             elif self._snapshot is not None:
                 step, wnorm, before = self._snapshot
                 self._snapshot = None
-                torch._foreach_sub_(before, [p.detach() for p in self.layers.params])  # in place: w_before - w_after
-                self._samples.append((step, wnorm, self._layer_norms(before)))
+                # in place: w_before - w_after (a DTensor's local shard: the snapshot holds shards)
+                torch._foreach_sub_(before, [local(p.detach()) for p in self.layers.params])
+                if self._sharded:  # summed over ranks in the next step's all-reduce (one per step)
+                    self._pending_update = (step, wnorm, *self._norms_or_new().squares(before))
+                else:
+                    self._samples.append((step, wnorm, self._layer_norms(before)))
             self._external = False
             self._end_step()
         except Exception as e:
@@ -742,7 +758,12 @@ class Guard:
             self.layers.reorder(self._order)
             self._norms = None
         params = self.layers.params
-        gnorm = self._layer_norms([p.grad for p in params])
+        sample = self.step % self.sample_every == 0
+        wnorm: torch.Tensor | None = None
+        if self._sharded:
+            gnorm, wnorm, loss_pair = self._reduced_norms(sample)
+        else:
+            gnorm = self._layer_norms([p.grad for p in params])
         opt: Any = self.optimizer
         scale = getattr(opt, "grad_scale", None)
         if isinstance(scale, torch.Tensor):
@@ -752,13 +773,13 @@ class Guard:
         total = total_norm(gnorm)
         self._last_total = total
         seen = self._loss_n > 0
-        if seen:
-            loss = torch.full((), self._loss_host, dtype=torch.float32, device=self.device)  # a fill, not a copy
-            if self._loss_sum is not None:
-                loss = loss + self._loss_sum
-            loss = loss / self._loss_n
+        if self._sharded:
+            loss = loss_pair[0] / loss_pair[1].clamp_min(1.0)  # the mean over ranks of each rank's loss
+        elif self.world > 1:
+            pair = all_reduce_sum(self._local_loss_pair())  # DDP: the gradients agree already; the loss does not
+            loss = pair[0] / pair[1].clamp_min(1.0)
         else:
-            loss = torch.zeros((), dtype=torch.float32, device=self.device)
+            loss = self._local_loss_pair()[0]
         self._loss_sum, self._loss_host, self._loss_n = None, 0.0, 0
         clipped = self._clip_step(params, gnorm, total) if self.clip is not None and clip else total
         skipped_by_scaler = (scaler_inf.to(self.device).float().reshape(()) if isinstance(scaler_inf, torch.Tensor)
@@ -774,9 +795,10 @@ class Guard:
             self._times += [(self.step, n, e, late, t) for n, e, late, t in times]
             if order:
                 self._activation_order = order
-        if self.step % self.sample_every == 0:
-            detached = [p.detach() for p in params]
-            wnorm = self._layer_norms(detached)
+        if sample:
+            detached = [local(p.detach()) for p in params]
+            if wnorm is None:
+                wnorm = self._layer_norms(detached)
             if snapshot and self.optimizer is not None:
                 # Transient copy of the weights on sample steps only, for ||w_after - w_before|| in the post hook.
                 self._snapshot = (self.step, wnorm, torch._foreach_mul(detached, 1.0))
@@ -786,7 +808,7 @@ class Guard:
         # Host read of one flag, only when immediate. With the statistics on the CPU this is a plain memory read;
         # on an accelerator it happens only with nonfinite_check="step" (the documented one small sync per step).
         if self.immediate and not bool(torch.isfinite(total) & torch.isfinite(loss)):
-            self._origins[self.step] = self._replay()
+            self._origins[self.step] = self._replay() if self._can_replay else None
             self._drain()  # report now, before the optimizer applies this step
 
     def _clip_step(self, params: list[nn.Parameter], gnorm: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
@@ -803,7 +825,7 @@ class Guard:
         if self._fused() and isinstance(scale, torch.Tensor) and not isinstance(self.clip, ScalarClip):
             # GradScaler left the unscaling to the fused kernel; a value or unit-wise clip needs true gradients:
             # unscale here, and tell the kernel there is nothing left to divide.
-            grads = [p.grad for p in ps if p.grad is not None]
+            grads = [local(p.grad) for p in ps if p.grad is not None]
             torch._foreach_div_(grads, scale.to(grads[0].device).float())
             self._set_fused_attr("grad_scale", torch.ones_like(scale))
         if self._fused() and isinstance(self.clip, ScalarClip):
@@ -812,12 +834,59 @@ class Guard:
             prior = getattr(self.optimizer, "grad_scale", None)
             self._set_fused_attr("grad_scale", (prior.float() if prior is not None else 1.0) / coef)
             return total * coef
-        return self.clip.clip_(ps, [p.grad for p in ps], index, gnorm, total)  # type: ignore[misc]
+        # DTensors (FSDP2) are clipped through their local shards, with the coefficient from the global norms.
+        return self.clip.clip_([local(p) for p in ps], [local(p.grad) for p in ps], index, gnorm, total)
+
+    def _norms_or_new(self) -> LayerNorms:
+        if self._norms is None:
+            self._norms = LayerNorms(self.layers, self.device, self.rank if self._sharded else None)
+        return self._norms
 
     def _layer_norms(self, tensors: Sequence[torch.Tensor | None]) -> torch.Tensor:
-        if self._norms is None:
-            self._norms = LayerNorms(self.layers, self.device)
-        return self._norms(tensors)
+        return self._norms_or_new()(tensors)
+
+    def _local_loss_pair(self) -> torch.Tensor:
+        """``[mean loss this step, 1]`` on this rank, or ``[0, 0]`` when no loss was observed (a fill, no copy)."""
+        if self._loss_n == 0:
+            return torch.zeros(2, dtype=torch.float32, device=self.device)
+        loss = torch.full((), self._loss_host, dtype=torch.float32, device=self.device)
+        if self._loss_sum is not None:
+            loss = loss + self._loss_sum
+        return torch.stack([loss / self._loss_n, torch.ones((), device=self.device)])
+
+    def _reduced_norms(self, sample: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Sharded parameters: this step's one all-reduce. It carries the loss, the gradients' squared norms, on
+        sample steps the weights', and the update of the previous sample step (measured after that step).
+
+        Returns:
+            Per-layer gradient norms, weight norms (sample steps, else None), and ``[loss sum, ranks that saw it]``.
+        """
+        L = self.layers.num_layers
+        norms = self._norms_or_new()
+        gsq, gabsent = norms.squares([p.grad for p in self.layers.params])
+        parts = [self._local_loss_pair(), gsq]
+        if sample:
+            wsq, _ = norms.squares([p.detach() for p in self.layers.params])
+            parts.append(wsq)
+        pending, self._pending_update = self._pending_update, None
+        if pending is not None:
+            parts.append(pending[2])
+        vec = all_reduce_sum(torch.cat(parts))
+        off = 2 + L
+        wnorm = None
+        if sample:
+            wnorm = vec[off: off + L].sqrt()
+            off += L
+        if pending is not None:
+            self._samples.append((pending[0], pending[1], finish(vec[off: off + L], pending[3])))
+        return finish(vec[2: 2 + L], gabsent), wnorm, vec[:2]
+
+    def _settle_pending_update(self) -> None:
+        """At close: a sample whose update was never summed over ranks keeps its weight norms, update unknown."""
+        if self._pending_update is not None:
+            step, wnorm, _, _ = self._pending_update
+            self._pending_update = None
+            self._samples.append((step, wnorm, None))
 
     def _replay(self) -> Origin | None:
         """Where the NaN/Inf of this step was born; None when unknown. Never raises: a failed replay only costs
@@ -937,7 +1006,7 @@ class Guard:
             if decision == "rollback":
                 action = self.ladder.rollback(self.model, self.optimizer, self.step)
                 self._act(action)
-                if "stopped" in action.detail:
+                if "stopped" in action.detail and self.rank == 0:
                     print(f"[gradguard] {action.detail['stopped']}", file=sys.stderr, flush=True)
             else:
                 assert isinstance(decision, Action)

@@ -55,3 +55,16 @@ def test_nonfinite_propagates() -> None:
     norms = LayerNorms(lm, torch.device("cpu"))(grads)
     assert norms[0].item() == 0.0 and torch.isnan(norms[1])
     assert torch.isnan(total_norm(norms))
+
+
+def test_distributed_share_counts_replicated_parameters_on_rank_zero_only() -> None:
+    """With shards about, each rank returns its share of the squares: a plain (replicated) tensor is every rank's
+    whole copy, so only rank 0 may count it, or a sum over ranks would count it world-size times."""
+    m = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    lm = build_layer_map(m, None)
+    g = [torch.full((2, 2), 1.0), torch.full((2,), 2.0), torch.full((2, 2), 3.0), None]
+    sq0, absent0 = LayerNorms(lm, torch.device("cpu"), rank=0).squares(g)
+    sq1, absent1 = LayerNorms(lm, torch.device("cpu"), rank=1).squares(g)
+    assert sq0.tolist() == [4 * 1.0 + 2 * 4.0, 4 * 9.0]
+    assert sq1.tolist() == [0.0, 0.0]
+    assert absent0 is None and absent1 is None  # presence is a host fact, the same on every rank

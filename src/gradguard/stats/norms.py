@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .distributed import is_sharded, local
 from .layers import LayerMap
 
 #: Value written for a layer that had no gradient at a step (frozen this step, unused branch). Norms are >= 0,
@@ -23,10 +24,14 @@ class LayerNorms:
     they are built once per distinct pattern and cached; a steady loop builds them once.
     """
 
-    def __init__(self, layers: LayerMap, device: torch.device) -> None:
+    def __init__(self, layers: LayerMap, device: torch.device, rank: int | None = None) -> None:
+        """``rank`` set: distributed with shards. Then calls return this rank's share of the squared norms (sum
+        them over ranks): shards count on every rank, replicated parameters on rank 0 only."""
         self.layers = layers
         self.device = device
         self.groups = layers.groups()
+        self.rank = rank
+        self.own = [rank is None or rank == 0 or is_sharded(p) for p in layers.params]
         self._cache: dict[tuple[int, ...], tuple[list[tuple[list[int], torch.Tensor]], torch.Tensor | None]] = {}
 
     def _plan(self, present: tuple[int, ...]) -> tuple[list[tuple[list[int], torch.Tensor]], torch.Tensor | None]:
@@ -35,7 +40,7 @@ class LayerNorms:
             keep = set(present)
             per_group = []
             for g in self.groups:
-                pos = [i for i in g.positions if i in keep]
+                pos = [i for i in g.positions if i in keep and self.own[i]]
                 if pos:
                     per_group.append((pos, self._to_device(torch.tensor([self.layers.layer_of[i] for i in pos]))))
             seen = {self.layers.layer_of[i] for i in present}
@@ -63,21 +68,39 @@ class LayerNorms:
         Returns:
             A float32 vector of length ``num_layers``; ``ABSENT`` for layers where every tensor is None.
         """
+        sq, absent_mask = self.squares(tensors)
+        return finish(sq, absent_mask)
+
+    def squares(self, tensors: Sequence[torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per-layer sums of squares (this rank's share when distributed with shards) and the absent-layer mask.
+
+        Args:
+            tensors: as for ``__call__``; DTensors are read through their local shard.
+
+        Returns:
+            ``(squares, absent_mask)``: a float32 vector of length ``num_layers``, and a bool vector (or None when
+            every layer is present). ``finish`` turns them into norms.
+        """
         present = tuple(i for i, t in enumerate(tensors) if t is not None)
         per_group, absent_mask = self._plan(present)
         sq = torch.zeros(self.layers.num_layers, dtype=torch.float32, device=self.device)
         for pos, idx in per_group:
-            group = [_dense(tensors[i]) for i in pos]  # type: ignore[arg-type]
+            group = [_dense(local(tensors[i])) for i in pos]
             # One fused kernel per (device, dtype); at least fp32 accumulation, so bf16/fp16 gradients neither
             # overflow nor lose the small ones (float64 stays float64).
             acc = torch.promote_types(group[0].dtype, torch.float32)
             norms = torch._foreach_norm(group, 2, dtype=acc)
             stacked = torch.stack(norms).to(self.device, torch.float32, non_blocking=True)
             sq.index_add_(0, idx, stacked * stacked)
-        out = sq.sqrt()
-        if absent_mask is not None:
-            out = torch.where(absent_mask, torch.full_like(out, ABSENT), out)
-        return out
+        return sq, absent_mask
+
+
+def finish(sq: torch.Tensor, absent_mask: torch.Tensor | None) -> torch.Tensor:
+    """Norms from summed squares, ``ABSENT`` where the mask says a layer had no tensor."""
+    out = sq.sqrt()
+    if absent_mask is not None:
+        out = torch.where(absent_mask, torch.full_like(out, ABSENT), out)
+    return out
 
 
 def _dense(t: torch.Tensor) -> torch.Tensor:
