@@ -1048,7 +1048,8 @@ class Guard:
             w, u = h.weight[-1], h.update[-1]
             rec["sample_step"] = int(h.sample_steps[-1])
             rec["weight_norm"] = per_layer(w)
-            rec["update_ratio"] = {n: (float(uu / ww) if ww > 0 and uu >= 0 else None)
+            # None only when not measured (ABSENT) or undefined (zero weights); a NaN update stays NaN.
+            rec["update_ratio"] = {n: (None if uu < 0 or ww <= 0 else float(uu / ww))
                                    for n, ww, uu in zip(names, w, u)}
         return rec
 
