@@ -194,6 +194,7 @@ class Guard:
         self._step_wrapper: Callable[..., Any] | None = None
         self._orig_step: Callable[..., Any] | None = None
         self._fused_saved: tuple[Any, Any] | None = None
+        self._ready_at: tuple[int, int] | None = None  # (states, parameters) when all last had optimizer state
         self._clip_index: dict[tuple[int, ...], torch.Tensor] = {}
         self.immediate = nonfinite_check == "step" or (nonfinite_check == "auto" and self.device.type == "cpu")
         self.compiled = is_compiled(model)
@@ -591,7 +592,13 @@ class Guard:
         flag is read on the host instead: once, at the start."""
         assert self.optimizer is not None
         state = self.optimizer.state
-        return all(len(state.get(p, {})) > 0 for g in self.optimizer.param_groups for p in g["params"])
+        # Once true it stays true while no parameter gains or loses its state and no group gains a parameter.
+        key = (len(state), sum(len(g["params"]) for g in self.optimizer.param_groups))
+        if self._ready_at == key:
+            return True
+        ready = all(len(state.get(p, {})) > 0 for g in self.optimizer.param_groups for p in g["params"])
+        self._ready_at = key if ready else None
+        return ready
 
     def _fused(self) -> bool:
         return self.optimizer is not None and all(g.get("fused") for g in self.optimizer.param_groups)
@@ -778,8 +785,13 @@ class Guard:
         elif self.world > 1:
             pair = all_reduce_sum(self._local_loss_pair())  # DDP: the gradients agree already; the loss does not
             loss = pair[0] / pair[1].clamp_min(1.0)
+        elif seen:
+            loss = torch.full((), self._loss_host, dtype=torch.float32, device=self.device)  # a fill, not a copy
+            if self._loss_sum is not None:
+                loss = loss + self._loss_sum
+            loss = loss / self._loss_n
         else:
-            loss = self._local_loss_pair()[0]
+            loss = torch.zeros((), dtype=torch.float32, device=self.device)
         self._loss_sum, self._loss_host, self._loss_n = None, 0.0, 0
         clipped = self._clip_step(params, gnorm, total) if self.clip is not None and clip else total
         skipped_by_scaler = (scaler_inf.to(self.device).float().reshape(()) if isinstance(scaler_inf, torch.Tensor)

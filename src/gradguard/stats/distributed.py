@@ -11,6 +11,7 @@ Everything here runs on the device (the all-reduce is enqueued on the stream lik
 
 from __future__ import annotations
 
+import functools
 from typing import Any, cast
 
 import torch
@@ -26,6 +27,7 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
+@functools.cache  # looked up once: local() runs for every tensor of every step
 def _dtensor_type() -> type | None:
     try:
         from torch.distributed.tensor import DTensor
