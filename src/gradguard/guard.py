@@ -408,6 +408,22 @@ class Guard:
         except Exception as e:  # never crash the user's training step
             self._internal_failure(e)
 
+    def training_forward_started(self) -> None:
+        """Say that a training forward begins, for loops that never call the watched model's own ``forward`` (a
+        LightningModule whose ``training_step`` calls ``self.net(x)``). The Guard's hook on the root module does
+        this itself otherwise: start the activation sampler's per-forward counts, and note the flag-dependent
+        modules left in eval for ``eval_mode_training`` (judged at the optimizer step). Host facts only.
+        """
+        if self._closed or self._failed:
+            return
+        try:
+            self._sampler.new_forward()
+            if self.optimizer is not None and torch.is_grad_enabled():
+                self._eval_in_training = [b for b in self._behaviour if not b[1].training
+                                          and id(b[1]) not in self._frozen and self._trains(b[0], b[1])]
+        except Exception as e:  # never crash the user's training step
+            self._internal_failure(e)
+
     def close(self) -> None:
         """Read pending statistics, remove every hook, flush and close the sinks. Safe to call twice."""
         if self._closed:

@@ -413,3 +413,30 @@ def test_dead_units_are_found_when_training_step_bypasses_forward(tmp_path: Path
     trainer(tmp_path, max_steps=100, callbacks=[cb]).fit(Classifier(net, lr=0.01), data)
     dead = [d for d in cb.diagnoses if d.kind == "dead_units"]
     assert dead and dead[0].layers[0] == "net.3" and dead[0].evidence["dead_fraction"] == 1.0
+
+
+def test_a_submodule_left_in_eval_is_found_when_training_step_bypasses_forward(tmp_path: Path) -> None:
+    """Dropout switched to eval at every epoch start (the pitfall: a leftover .eval()): the oracle is the module's
+    own flag during training_step; the callback tells the Guard each forward started, so it is judged."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16), nn.Dropout(0.5), nn.Linear(16, 3))
+    flags: list[bool] = []
+
+    class Leftover(Classifier):
+        def on_train_epoch_start(self) -> None:
+            self.net[1].eval()
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            flags.append(self.net[1].training)
+            return super().training_step(batch, batch_idx)
+
+    cb = GradGuardCallback(console=False)
+    trainer(tmp_path, max_steps=4, callbacks=[cb]).fit(Leftover(net), loader())
+    assert flags and not any(flags)
+    found = [d for d in cb.diagnoses if d.kind == "eval_mode_training"]
+    assert found and "net.1" in found[0].layers
+
+    net.train()  # Lightning keeps the modes it found: the first fit left net.1 in eval
+    cb = GradGuardCallback(console=False)  # the same loop without the leftover: silent
+    trainer(tmp_path, max_steps=4, callbacks=[cb]).fit(Classifier(net), loader())
+    assert [d for d in cb.diagnoses if d.kind == "eval_mode_training"] == []

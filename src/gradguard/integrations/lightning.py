@@ -264,9 +264,8 @@ class GradGuardCallback(pl.Callback):
         """A training forward starts. The Guard learns this from the LightningModule's ``forward``, which a
         ``training_step`` often never calls (``self.net(x)``); tell its activation sampler here instead."""
         g = self._active()
-        sampler = getattr(g, "_sampler", None)
-        if sampler is not None:
-            sampler.new_forward()
+        if g is not None:
+            g.training_forward_started()
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
         """Observe the loss of this (micro-)batch, before the step that uses its gradients."""
