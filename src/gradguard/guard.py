@@ -988,6 +988,7 @@ class Guard:
             off += 2
         if self._activation_order:
             h.activation_order = self._activation_order
+            h.output_activation = self._output_activation(self._activation_order[-1])
         self._rows, self._row_steps, self._row_loss_seen = [], [], []
         self._samples, self._acts, self._times = [], [], []
 
@@ -1041,6 +1042,13 @@ class Guard:
                 self._act(decision)
         if self.ladder.healthy_for_snapshot(h, self.step):
             self.ladder.take_snapshot(self.model, self.optimizer, self.step)
+
+    def _output_activation(self, last: str) -> str | None:
+        """``last`` (the last activation module called) if it produces the output: no layer with parameters is
+        registered after it (registration order; call order is not recorded between different module kinds)."""
+        pos = {n: i for i, n in enumerate(self._modules_by_name())}
+        after = max((pos.get(n, -1) for n in self.layers.names), default=-1)
+        return last if pos.get(last, -1) > after else None
 
     def _ensure_history(self) -> History:
         if self._history is None:

@@ -109,3 +109,21 @@ def test_reporter_once_on_change_and_after_going_away() -> None:
     assert r.offer(v(200, "b")) is not None  # absent for > 50 steps: it came back
     fresh = Reporter(cooldown=50)
     assert fresh.offer(v(0, "a", emit=False)) is None and fresh.active == {}
+
+
+def test_a_converged_plateau_is_not_vanishing() -> None:
+    """Tiny gradients and a flat loss after the loss fell from 2.3 to 1e-4: the model has fitted its data. The same
+    gradients with the loss flat at its starting level are a stall (seen as false alarms in experiments/seeds.py)."""
+    g = np.full((200, 4), 1e-5)
+    stuck = history(g, np.full(200, 2.3))
+    for h in (stuck,):
+        for s in (150, 175, 199):
+            h.sample_steps.append(s)
+            h.weight.append(np.full(4, 10.0))
+            h.update.append(np.full(4, 2e-6))
+    v = detect_vanishing(stuck, T)
+    assert v is not None and v.emit
+    fitted = history(g, np.concatenate([np.full(10, 2.3), np.full(190, 1e-4)]))
+    fitted.sample_steps, fitted.weight, fitted.update = stuck.sample_steps, stuck.weight, stuck.update
+    v2 = detect_vanishing(fitted, T)
+    assert v2 is None or not v2.emit

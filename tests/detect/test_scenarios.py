@@ -243,3 +243,27 @@ def test_healthy_transformer_with_layernorm_and_warmup_is_silent() -> None:
     opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
     r = train_classifier(m, opt, 400, sched=warmup(opt, 50))
     assert r.accuracy > 0.9 and r.diagnoses == []
+
+
+def test_top_hidden_sigmoid_is_judged_but_an_output_sigmoid_is_not() -> None:
+    """Glorot & Bengio's saturating layer is the top hidden one, under a linear head: it must be judged. A sigmoid
+    that produces the output is confident by design and is left alone."""
+    torch.manual_seed(0)
+    hidden = nn.Sequential(nn.Linear(64, 32), nn.Sigmoid(), nn.Linear(32, 10))
+    with torch.no_grad():
+        hidden[0].bias.fill_(-12.0)  # every hidden unit pinned near 0
+    xtr = digits()[0]
+    with torch.no_grad():  # oracle: the share of flat outputs, computed here
+        s = hidden[1](hidden[0](xtr))
+        assert ((s * (1 - s)) < 0.0025).float().mean().item() > 0.9
+    r = train_classifier(hidden, torch.optim.SGD(hidden.parameters(), lr=0.01), 100)
+    assert [d.layers[0] for d in r.diagnoses if d.kind == "saturation"] == ["1"]
+
+    torch.manual_seed(0)
+    output = nn.Sequential(nn.Linear(64, 10), nn.Sigmoid())
+    with torch.no_grad():
+        output[0].weight.mul_(50.0)
+        s = output[1](output[0](xtr))
+        assert ((s * (1 - s)) < 0.0025).float().mean().item() > 0.5
+    r = train_classifier(output, torch.optim.SGD(output.parameters(), lr=0.01), 100)
+    assert [d for d in r.diagnoses if d.kind == "saturation"] == []

@@ -38,6 +38,8 @@ class Thresholds:
     vanish_update: float = 1e-5  # median layer ||dw||/||w|| below this: the weights do not move
     time_ratio: float = 1e-3  # gradient reaching the first 10% of time steps / the last 10%
     progress: float = 0.02  # relative loss improvement over the window that counts as learning
+    learned: float = 0.02  # loss below this fraction of its early level: the model has learned (a plateau near
+    # zero loss is convergence, not vanishing gradients)
     dead_fraction: float = 0.5  # fraction of a layer's units never active
     saturated_fraction: float = 0.5  # fraction of a squashing layer's outputs on the flat part
     persist_samples: int = 3  # activation samples (distinct steps) a unit condition must hold
@@ -124,6 +126,7 @@ class History:
     acts: dict[tuple[str, int, str], deque[tuple[int, Any]]] = field(default_factory=dict)
     times: list[tuple[int, str, float, float, int]] = field(default_factory=list)
     activation_order: list[str] = field(default_factory=list)
+    output_activation: str | None = None  # the activation module that produces the model's output, if any
     grad_ema: Ema = field(init=False)
     loss_ema: Ema = field(init=False)
     first_totals: list[tuple[int, float]] = field(default_factory=list)  # (step, total) of the first finite steps

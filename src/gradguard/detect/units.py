@@ -23,14 +23,15 @@ SAT_REMEDIES = [
 def detect_units(h: History, t: Thresholds) -> list[Verdict]:
     """One verdict per activation module whose condition held in the last ``persist_samples`` samples.
 
-    The activation that produces the model's output (last in call order) is not judged for saturation: a
-    confident sigmoid output is the goal of training there, not a fault.
+    The activation that produces the model's output (the last one called, when no layer with parameters comes
+    after it) is not judged for saturation: a confident sigmoid output is the goal of training there, not a fault.
+    The top hidden layer, followed by a linear head, is judged (Glorot & Bengio's saturating layer).
 
     References:
         Lu et al., "Dying ReLU and Initialization: Theory and Numerical Examples", 2019. Glorot & Bengio, AISTATS
         2010 (sigmoid saturation in deep networks).
     """
-    last_act = h.activation_order[-1] if h.activation_order else None
+    last_act = h.output_activation
     out: list[Verdict] = []
     n = t.persist_samples
     ncalls: dict[tuple[str, str], int] = {}

@@ -35,7 +35,15 @@ REMEDIES_TIME = [
 
 
 def _stalled(h: History, t: Thresholds) -> tuple[bool, float | None]:
+    """Whether the loss stopped improving; a loss that already fell far below its early level has converged, and
+    the small gradients of a fitted model are not vanishing ones (found as false alarms in experiments/seeds.py)."""
     prog = h.progress(len(h.steps), t.window)
+    if prog is not None and h.first_losses:
+        early = float(np.mean([v for _, v in h.first_losses]))
+        window = slice(max(0, len(h.steps) - t.window), len(h.steps))
+        seen = h.loss_seen[window] & np.isfinite(h.loss[window])
+        if early > 0 and seen.any() and float(np.mean(h.loss[window][seen])) < t.learned * early:
+            return False, prog
     return (prog is None or prog < t.progress), prog
 
 
