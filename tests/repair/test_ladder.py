@@ -56,21 +56,25 @@ def test_a_skipped_step_leaves_parameters_and_optimizer_state_bitwise(make_opt) 
     assert "step" not in opt.__dict__  # the step wrapper is gone
 
 
-def test_rollback_restores_model_and_optimizer_bitwise() -> None:
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device (pinned, asynchronous snapshot copies)"))])
+def test_rollback_restores_model_and_optimizer_bitwise(device: str) -> None:
     torch.manual_seed(0)
-    m = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
+    m = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2)).to(device)
     opt = torch.optim.Adam(m.parameters(), lr=1e-2)
     guard = gg.Guard(m, opt, console=False, repair="auto")
     assert guard.ladder is not None
 
     def train(n: int) -> None:
         for _ in range(n):
-            loss = m(torch.randn(6, 4)).square().mean()
+            loss = m(torch.randn(6, 4, device=device)).square().mean()
             opt.zero_grad()
             loss.backward()
             opt.step()
 
-    train(3)
+    train(2)
+    guard.ladder.take_snapshot(m, opt, guard.step)  # a first snapshot, whose buffers the next one reuses
+    train(1)
     guard.ladder.take_snapshot(m, opt, guard.step)
     want_model = copy.deepcopy(m.state_dict())
     want_opt = state_copy(opt)
