@@ -230,6 +230,40 @@ def bench(label: str, build: Callable[[], tuple[nn.Module, Callable[[nn.Module],
     return {"model": label, "rows": rows}
 
 
+def profile_repair(steps: int = 30) -> None:
+    """Where ``repair="auto"`` spends its time beside ``clip="zclip"`` (the clip it adds): torch's profiler on
+    GPT-2 small, the top entries by self CPU time (host work: Python hooks, launches) and by CUDA time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    for kw in ({"clip": "zclip"}, {"repair": "auto"}):
+        model, loss_of = gpt2()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+        guard = gg.Guard(model, opt, console=False, **kw)
+
+        def step(model: nn.Module = model, opt: torch.optim.Optimizer = opt,
+                 loss_of: Callable[[nn.Module], torch.Tensor] = loss_of, guard: gg.Guard = guard) -> None:
+            with torch.autocast(DEV, dtype=torch.bfloat16):
+                loss = loss_of(model)
+            guard.observe_loss(loss)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                step()
+            torch.cuda.synchronize()
+        print(f"\nprofile of {steps} steps, Guard({kw}):", flush=True)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12), flush=True)
+        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=8), flush=True)
+        guard.close()
+        del model, opt
+
+
 def memory(build: Callable[[], tuple[nn.Module, Callable[[nn.Module], torch.Tensor]]], log_every: int = 10
            ) -> dict[str, Any]:
     """Bytes gradguard keeps on the GPU (its rows and index tensors at their fullest, just before a read) against
@@ -266,6 +300,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--json", default=None)
     ap.add_argument("--skip-bench", action="store_true")
+    ap.add_argument("--only", choices=["gpt2", "mlp"], default=None, help="time one model only")
+    ap.add_argument("--profile-repair", action="store_true", help="also profile repair='auto' against clip='zclip'")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("benchmarks/gpu.py: no CUDA device here; nothing to do (run it on a GPU machine)")
@@ -275,11 +311,15 @@ def main() -> int:
     report: dict[str, Any] = {"torch": torch.__version__, "device": torch.cuda.get_device_name()}
     report["sync"] = part1()
     if not args.skip_bench:
-        report["bench"] = [
-            bench("GPT-2 small (12x768, 124M, 8x512 tokens, bf16 autocast)", gpt2, "bf16", args.rounds, args.steps),
-            bench("MLP 48x256 (batch 64, fp32)", mlp48, None, args.rounds, args.steps * 3),
-        ]
+        report["bench"] = []
+        if args.only in (None, "gpt2"):
+            report["bench"].append(bench("GPT-2 small (12x768, 124M, 8x512 tokens, bf16 autocast)", gpt2, "bf16",
+                                         args.rounds, args.steps))
+        if args.only in (None, "mlp"):
+            report["bench"].append(bench("MLP 48x256 (batch 64, fp32)", mlp48, None, args.rounds, args.steps * 3))
         report["memory"] = {"gpt2_small": memory(gpt2), "mlp48": memory(mlp48)}
+    if args.profile_repair:
+        profile_repair()
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
