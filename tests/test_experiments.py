@@ -1,0 +1,69 @@
+"""The reproductions in experiments/ (EXPERIMENTS.md), each run with --quick in a subprocess: it must exit 0 (the
+phenomenon reproduced and gradguard's verdict was right) and its JSON record must show the expected verdicts.
+About a minute for all five on 2 CPU cores."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+GRADIENT_KINDS = ("vanishing", "exploding", "nonfinite")
+
+
+def run_quick(name: str, tmp_path: Path) -> dict[str, Any]:
+    out = tmp_path / f"{name}.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / f"{name}.py"), "--quick", "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{name} --quick failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    record = json.loads(out.read_text())
+    assert record["ok"] and record["quick"]
+    assert all(c["ok"] for c in record["checks"] if c["kind"] != "known_gap")
+    return record
+
+
+def test_he2015_depth(tmp_path: Path) -> None:
+    rec = run_quick("he2015_depth", tmp_path)
+    runs = {(r["depth"], r["var"]): r for r in rec["runs"]}
+    xavier, kaiming = runs[(30, 1.0)], runs[(30, 2.0)]
+    assert xavier["left_plateau"] is None and "vanishing" in xavier["first"]  # stalls, and gradguard says why
+    assert kaiming["test_acc"] >= 0.8 and not set(kaiming["first"]) & set(GRADIENT_KINDS)
+    # He et al.'s variance argument: with Var(w)=1/n the back-propagated gradient halves in variance per layer.
+    assert xavier["backprop_ratio"] < 1e-3 < kaiming["backprop_ratio"]
+
+
+def test_glorot2010_init(tmp_path: Path) -> None:
+    rec = run_quick("glorot2010_init", tmp_path)
+    std, nrm = rec["tanh"]["standard"], rec["tanh"]["normalised"]
+    assert max(std["backprop_first_over_last"]) < 0.3 < min(nrm["backprop_first_over_last"])
+    assert max(std["activation_last_over_first"]) < 0.3 < min(nrm["activation_last_over_first"])
+    for r in std["train"] + nrm["train"]:
+        assert r["test_acc"] >= 0.8 and "vanishing" not in r["first"]
+    for runs in rec["sigmoid"].values():
+        for r in runs:
+            assert r["top_mean_min"] < 0.1  # the top sigmoid layer is pushed toward 0 (Fig. 2)
+
+
+def test_adding_problem(tmp_path: Path) -> None:
+    rec = run_quick("adding_problem", tmp_path)
+    runs = {r["kind"]: r for r in rec["runs"]}
+    tanh, lstm = runs["tanh"], runs["lstm"]
+    assert tanh["test_mse"] > 0.8 / 6 and tanh["time_ratio"] is not None and tanh["time_ratio"] < 1e-3
+    assert lstm["test_mse"] < 0.05 and lstm["learned_at"] is not None
+    assert not [d for d in lstm["diagnoses"] if d["kind"] in GRADIENT_KINDS and d["step"] > lstm["learned_at"] + 100]
+
+
+def test_pascanu2013_clipping(tmp_path: Path) -> None:
+    rec = run_quick("pascanu2013_clipping", tmp_path)
+    runs = {r["mode"]: r for r in rec["runs"]}
+    assert set(runs["none"]["first"]) & {"exploding", "nonfinite"}
+    assert runs["none"]["worst_rise"] > 1.0  # the cliff
+    assert runs["guard"]["test_acc"] >= 0.8 and runs["guard"]["worst_rise"] < 0.5
+
+
+def test_seeds(tmp_path: Path) -> None:
+    rec = run_quick("seeds", tmp_path)
+    assert rec["runs"] and all(r["reproduced"] and r["right"] == "right" for r in rec["runs"])
