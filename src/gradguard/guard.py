@@ -981,7 +981,8 @@ class Guard:
             off += 2 * L
         for step, name, call, what, value in self._acts:
             k = value.numel()  # shape is host metadata: no sync
-            h.add_act(step, name, call, what, flat[off: off + k].copy() if what == "active" else float(flat[off]))
+            # A unit mask is kept as bools (1 byte a unit, not 8): the last 8 samples of every activation module.
+            h.add_act(step, name, call, what, flat[off: off + k] > 0 if what == "active" else float(flat[off]))
             off += k
         for step, name, _, _, steps_t in self._times:
             h.times.append((step, name, float(flat[off]), float(flat[off + 1]), steps_t))
