@@ -7,6 +7,7 @@ every rank must equal it. Only rank 0 writes logs and prints; one all-reduce per
 
 from __future__ import annotations
 
+import gc
 import io
 import json
 import os
@@ -162,7 +163,11 @@ def _worker(rank: int, world: int, init: str, out: str, kind: str, guard_kw: dic
         else:
             res = _run(model, train_model, rank, world, guard_kw, log_dir, io.StringIO())
         Path(out, f"{rank}.json").write_text(json.dumps(res))
-        dist.barrier()  # no rank tears gloo down while the other still talks to it (that aborts the process)
+        # Free DDP's reducer / FSDP's state while the group is alive (gloo can abort or deadlock when they are
+        # destroyed after it), and let no rank tear gloo down while the other still talks to it.
+        del model, train_model
+        gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import math
 import warnings
@@ -220,6 +221,10 @@ def test_ddp_single_process(tmp_path) -> None:
         assert h.layers == ["0", "2"]
         np.testing.assert_allclose(h.grad, np.array(grads), rtol=1e-5)
         guard.close()
+        # DDP's reducer holds the process group: free it while the group is alive (freeing it after
+        # destroy_process_group can deadlock in gloo's destructor, seen once here).
+        del guard, opt, ddp
+        gc.collect()
     finally:
         dist.destroy_process_group()
 
