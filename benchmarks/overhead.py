@@ -11,6 +11,7 @@ import argparse
 import copy
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
@@ -23,7 +24,11 @@ LossOf = Callable[[nn.Module], Callable[[], torch.Tensor]]
 
 
 def mlp48() -> tuple[nn.Module, LossOf]:
-    """48 Linear(256, 256)+ReLU blocks and a head; batch 64."""
+    """48 Linear(256, 256)+ReLU blocks and a head; batch 64.
+
+    ``loss_of(model)`` gives the step's loss closure; ``loss_of.forward(model)`` runs a forward on the same batch
+    without the loss (a validation forward), and ``loss_of.batch`` is the batch itself.
+    """
     layers: list[nn.Module] = []
     for _ in range(48):
         layers += [nn.Linear(256, 256), nn.ReLU()]
@@ -32,11 +37,14 @@ def mlp48() -> tuple[nn.Module, LossOf]:
     def loss_of(model: nn.Module) -> Callable[[], torch.Tensor]:
         return lambda: nn.functional.cross_entropy(model(x), y)
 
+    loss_of.forward = lambda model: model(x)  # type: ignore[attr-defined]
+    loss_of.batch = (x, y)  # type: ignore[attr-defined]
     return nn.Sequential(*layers, nn.Linear(256, 10)), loss_of
 
 
 def gpt2() -> tuple[nn.Module, LossOf]:
-    """transformers' GPT-2 from a config (no download): 4 layers, width 256, 4 x 128 tokens."""
+    """transformers' GPT-2 from a config (no download): 4 layers, width 256, 4 x 128 tokens (``loss_of`` as for
+    ``mlp48``)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     cfg = GPT2Config(n_layer=4, n_embd=256, n_head=4, n_positions=128, vocab_size=50257)
@@ -45,6 +53,8 @@ def gpt2() -> tuple[nn.Module, LossOf]:
     def loss_of(model: nn.Module) -> Callable[[], torch.Tensor]:
         return lambda: model(input_ids=ids, labels=ids).loss
 
+    loss_of.forward = lambda model: model(input_ids=ids).logits  # type: ignore[attr-defined]
+    loss_of.batch = (ids, ids)  # type: ignore[attr-defined]
     return GPT2LMHeadModel(cfg), loss_of
 
 
@@ -93,33 +103,58 @@ def variants(base: nn.Module, loss_of: LossOf, suite: str) -> dict[str, Callable
     return out
 
 
+def interleave(steps_of: dict[str, Callable[[], None]], rounds: int, steps: int,
+               steps_for: dict[str, int] | None = None, warmup: int = 3,
+               progress: bool = False) -> dict[str, list[float]]:
+    """Time every step function in interleaved rounds; returns, per name, the mean time per step of each round.
+
+    Each round runs every variant for ``steps`` steps (``steps_for[name]`` where given: a slow peer may take fewer
+    per round), in an order rotated by one each round, so drift (other load, thermal) hits every variant alike
+    and a variant is not always timed right after the same neighbour. ``progress`` prints each round to stderr.
+    """
+    names = list(steps_of)
+    for fn in steps_of.values():  # warm-up: allocator, optimizer state, first-forward hooks
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {n: [] for n in names}
+    start = time.perf_counter()
+    for r in range(rounds):
+        if progress:
+            print(f"  round {r + 1}/{rounds}, {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+        order = names[r % len(names):] + names[: r % len(names)]
+        for n in order:
+            k = (steps_for or {}).get(n, steps)
+            fn = steps_of[n]
+            t0 = time.perf_counter()
+            for _ in range(k):
+                fn()
+            times[n].append((time.perf_counter() - t0) / k)
+    return times
+
+
+def paired(times: dict[str, list[float]], name: str, ref: str) -> tuple[float, float, float]:
+    """Median and interquartile range over rounds of ``name``'s time divided by ``ref``'s time in the same round
+    (paired: drift between rounds cancels)."""
+    ratios = sorted(a / b for a, b in zip(times[name], times[ref]))
+    q1, q3 = ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4]
+    return statistics.median(ratios), q1, q3
+
+
 def bench(name: str, build: Callable[[], tuple[nn.Module, LossOf]], rounds: int, steps: int,
           suite: str = "monitor") -> None:
     torch.manual_seed(0)
     base, loss_of = build()
     vs = variants(base, loss_of, suite)
     names = list(vs)
-    for fn in vs.values():  # warm-up: allocator, optimizer state, first-forward hooks
-        for _ in range(3):
-            fn()
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(rounds):
-        order = names[r % len(names):] + names[: r % len(names)]
-        for n in order:
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                vs[n]()
-            times[n].append((time.perf_counter() - t0) / steps)
+    times = interleave(vs, rounds, steps)
     print(f"\n{name}: {sum(p.numel() for p in base.parameters()) / 1e6:.2f}M parameters, "
           f"{rounds} rounds x {steps} steps; median per step, and median over rounds of the ratio to the plain "
           "step of the same round (paired: drift between rounds cancels)")
     ref = names[0]
     print(f"| variant | ms/step | paired ratio to {ref} (IQR) |\n|---|---|---|")
     for n in names:
-        ratios = sorted(a / b for a, b in zip(times[n], times[ref]))
-        q1, q3 = ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4]
-        print(f"| {n} | {1000 * statistics.median(times[n]):.2f} | {statistics.median(ratios):.3f}x "
-              f"({q1:.3f}-{q3:.3f}) |")
+        med, q1, q3 = paired(times, n, ref)
+        print(f"| {n} | {1000 * statistics.median(times[n]):.2f} | {med:.3f}x ({q1:.3f}-{q3:.3f}) |")
 
 
 def main() -> None:
