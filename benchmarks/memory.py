@@ -112,7 +112,15 @@ class GuardSizer:
             self._walk(getattr(guard, name, None), separate[name], name, seen, storages, count_user=True)
         own.python += sys.getsizeof(guard) + sys.getsizeof(vars(guard))
         for name, value in vars(guard).items():
-            if name not in apart:
+            if name in apart:
+                continue
+            if name == "_history" and value is not None:
+                # one level deeper, so the report can say which of the History's buffers holds the bytes
+                seen.add(id(value))
+                own.python += sys.getsizeof(value) + sys.getsizeof(vars(value))
+                for field_name, field_value in vars(value).items():
+                    self._walk(field_value, own, f"_history.{field_name}", seen, storages)
+            else:
                 self._walk(value, own, name, seen, storages)
         return own, separate
 

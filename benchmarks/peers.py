@@ -59,6 +59,7 @@ class Variant:
     guard: gg.Guard | None = None
     steps: int | None = None  # steps per round when fewer than the others (a peer ten times slower)
     close: Callable[[], None] | None = None
+    model: nn.Module | None = None  # checked after the run: its weights must have moved (the step really trained)
 
 
 def evaluator(model: nn.Module, forward: Callable[[nn.Module], Any], how: str | None,
@@ -122,7 +123,7 @@ def feature_variants(base: nn.Module, loss_of: LossOf, every: int, tmp: str) -> 
                 nn.utils.clip_grad_value_(model.parameters(), 0.1)
         validate = evaluator(model, loss_of.forward, evaluate, every)  # type: ignore[attr-defined]
         step = training_step(model, opt, loss_of, guard, after_backward, lambda loss: validate())
-        out.append(Variant(name, ref, step, guard, close=guard.close if guard is not None else None))
+        out.append(Variant(name, ref, step, guard, close=guard.close if guard is not None else None, model=model))
 
     defaults = "Guard (defaults)"
     add(PLAIN, PLAIN)
@@ -174,7 +175,7 @@ def cockpit_missing() -> str | None:
         return f"{type(e).__name__}: {e}"
 
 
-def peer_variants(model_name: str, base: nn.Module, loss_of: LossOf, steps: int, tmp: str) -> list[Variant]:
+def peer_variants(model_name: str, base: nn.Module, loss_of: LossOf, tmp: str) -> list[Variant]:
     """The tools people use for per-layer gradient monitoring and clipping, beside the Guard."""
     out: list[Variant] = []
 
@@ -188,7 +189,7 @@ def peer_variants(model_name: str, base: nn.Module, loss_of: LossOf, steps: int,
         guard = gg.Guard(model, opt, console=False, **guard_kw) if guard_kw is not None else None
         ab = after_backward_of(model) if after_backward_of is not None else None
         out.append(Variant(name, ref, training_step(model, opt, loss_of, guard, ab), guard,
-                           close=guard.close if guard is not None else None))
+                           close=guard.close if guard is not None else None, model=model))
 
     simple(PLAIN, PLAIN)
     simple("plain + clip_grad_norm_(1.0)", PLAIN, lambda m: lambda: nn.utils.clip_grad_norm_(m.parameters(), 1.0))
@@ -224,14 +225,14 @@ def peer_variants(model_name: str, base: nn.Module, loss_of: LossOf, steps: int,
         def log(loss: torch.Tensor, key: str = name) -> None:
             run.log({key: loss.item()})
         out.append(Variant(name, PLAIN if name == log_only else log_only,
-                           training_step(model, opt, loss_of, after_step=log)))
+                           training_step(model, opt, loss_of, after_step=log), model=model))
     out[-1].close = run.finish
 
     why = cockpit_missing()
     if why is not None:
         print(f"[peers] Cockpit skipped: {why}", file=sys.stderr)
     else:
-        out += cockpit_variants(model_name, fresh, loss_of, steps)
+        out += cockpit_variants(model_name, fresh, loss_of)
 
     simple("Guard (defaults)", PLAIN, guard_kw={})
     simple("Guard(clip=1.0)", "plain + clip_grad_norm_(1.0)", guard_kw={"clip": 1.0})
@@ -240,54 +241,57 @@ def peer_variants(model_name: str, base: nn.Module, loss_of: LossOf, steps: int,
 
 
 def cockpit_variants(model_name: str, fresh: Callable[[], tuple[nn.Module, torch.optim.Optimizer]],
-                     loss_of: LossOf, steps: int) -> list[Variant]:
+                     loss_of: LossOf) -> list[Variant]:
     """Cockpit with only its GradNorm quantity (per-parameter gradient norms, what gradguard records per layer),
     and on the MLP its cheapest predefined configuration, "economy" (needs BackPACK's per-sample gradients, which
     BackPACK cannot compute for transformers' GPT-2 modules)."""
+    out = [cockpit_gradnorm(*fresh(), loss_of)]
+    if model_name == "mlp":
+        # about 100x a plain step: one step per round keeps the suite short; the ratio is per step all the same
+        out.append(cockpit_economy(*fresh(), loss_of))
+    return out
+
+
+def cockpit_gradnorm(model: nn.Module, opt: torch.optim.Optimizer, loss_of: LossOf) -> Variant:
+    """Cockpit tracking GradNorm every step (no BackPACK extension needed: the model is not extended)."""
     from cockpit import Cockpit, quantities
-    from cockpit.utils.configuration import configuration
     from cockpit.utils.schedules import linear
 
-    out = []
-    every_step = linear(interval=1)
-
-    model, opt = fresh()
-    ck = Cockpit(list(model.parameters()), quantities=[quantities.GradNorm(track_schedule=every_step)])
+    ck = Cockpit(list(model.parameters()), quantities=[quantities.GradNorm(track_schedule=linear(interval=1))])
     loss_fn, counter, batch = loss_of(model), itertools.count(), loss_of.batch[0].shape[0]  # type: ignore
 
-    def gradnorm_step() -> None:
+    def step() -> None:
         loss = loss_fn()
         opt.zero_grad(set_to_none=True)
         with ck(next(counter), info={"batch_size": batch, "loss": loss, "optimizer": opt}):
             loss.backward()
         opt.step()
-    out.append(Variant("plain + Cockpit([GradNorm])", PLAIN, gradnorm_step))
+    return Variant("plain + Cockpit([GradNorm])", PLAIN, step, model=model)
 
-    if model_name == "mlp":
-        from backpack import extend
 
-        model, opt = fresh()
-        model = extend(model)
-        x, y = loss_of.batch  # type: ignore[attr-defined]
-        mean_loss, each_loss = extend(nn.CrossEntropyLoss()), nn.CrossEntropyLoss(reduction="none")
-        ck_e = Cockpit(list(model.parameters()), quantities=configuration("economy"))
-        counter_e = itertools.count()
+def cockpit_economy(model: nn.Module, opt: torch.optim.Optimizer, loss_of: LossOf) -> Variant:
+    """Cockpit's "economy" configuration every step, on a BackPACK-extended model, as its documentation sets up."""
+    from backpack import extend
+    from cockpit import Cockpit
+    from cockpit.utils.configuration import configuration
 
-        # BackPACK's module hooks warn on every step that no input requires gradients (the data do not).
-        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+    model = extend(model)
+    x, y = loss_of.batch  # type: ignore[attr-defined]
+    mean_loss, each_loss = extend(nn.CrossEntropyLoss()), nn.CrossEntropyLoss(reduction="none")
+    ck = Cockpit(list(model.parameters()), quantities=configuration("economy"))
+    counter = itertools.count()
+    # BackPACK's module hooks warn on every step that no input requires gradients (the data do not).
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")
 
-        def economy_step() -> None:
-            out_ = model(x)
-            loss, losses = mean_loss(out_, y), each_loss(out_, y)
-            opt.zero_grad(set_to_none=True)
-            i = next(counter_e)
-            with ck_e(i, info={"batch_size": x.shape[0], "individual_losses": losses, "loss": loss,
-                               "optimizer": opt}):
-                loss.backward(create_graph=ck_e.create_graph(i))
-            opt.step()
-        # about 20x a plain step: one step per round keeps the suite short; the ratio is per step all the same
-        out.append(Variant("plain + Cockpit('economy')", PLAIN, economy_step, steps=1))
-    return out
+    def step() -> None:
+        out = model(x)
+        loss, losses = mean_loss(out, y), each_loss(out, y)
+        opt.zero_grad(set_to_none=True)
+        i = next(counter)
+        with ck(i, info={"batch_size": x.shape[0], "individual_losses": losses, "loss": loss, "optimizer": opt}):
+            loss.backward(create_graph=ck.create_graph(i))
+        opt.step()
+    return Variant("plain + Cockpit('economy')", PLAIN, step, steps=1, model=model)
 
 
 def report(model_name: str, suite: str, variants: list[Variant], times: dict[str, list[float]], rounds: int,
@@ -322,13 +326,17 @@ def bench(model_name: str, suite: str, rounds: int, steps: int) -> dict[str, Any
     base, loss_of = {"mlp": mlp48, "gpt2": gpt2}[model_name]()
     with tempfile.TemporaryDirectory(prefix="gradguard-bench-") as tmp:
         variants = (feature_variants(base, loss_of, steps, tmp) if suite == "features"
-                    else peer_variants(model_name, base, loss_of, steps, tmp))
+                    else peer_variants(model_name, base, loss_of, tmp))
         steps_of = {v.name: v.step for v in variants}
         steps_for = {v.name: v.steps for v in variants if v.steps}
         cpu0 = descendants_cpu_seconds()
         times = interleave(steps_of, rounds, steps, steps_for, progress=True)
         cpu = descendants_cpu_seconds() - cpu0
         out = report(model_name, suite, variants, times, rounds, steps, sum(p.numel() for p in base.parameters()))
+        for v in variants:
+            # A step that never reached its own optimizer would time a different (cheaper) loop.
+            if v.model is not None and all(torch.equal(a, b) for a, b in zip(v.model.parameters(), base.parameters())):
+                print(f"  WARNING: {v.name}: the weights never changed; this variant did not train", file=sys.stderr)
         wandb_steps = sum(len(times[v.name]) * (v.steps or steps) for v in variants if "wandb" in v.name)
         if wandb_steps:
             # The wandb service works in its own process, beside the timed loop: CPU time the step times above do
