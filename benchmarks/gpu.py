@@ -141,6 +141,7 @@ def part1() -> list[dict[str, Any]]:
         ("clip=1.0 (global norm), fused AdamW, MLP", mlp48, {"clip": 1.0}, {}),
         ("clip=1.0, foreach AdamW, MLP", mlp48, {"clip": 1.0}, {"fused": False}),
         ("clip='zclip', fused AdamW, MLP", mlp48, {"clip": "zclip"}, {}),
+        ("clip='autoclip', fused AdamW, MLP", mlp48, {"clip": "autoclip"}, {}),  # kthvalue with a host-side k
         ("clip='agc', fused AdamW, small net", small, {"clip": "agc"}, {}),
         ("clip=1.0, fp16 + GradScaler, fused AdamW", small, {"clip": 1.0}, {"amp": "fp16"}),
         ("repair='auto', fused AdamW, MLP", mlp48, {"repair": "auto"}, {}),

@@ -178,6 +178,23 @@ def test_autoclip_clips_to_the_running_percentile() -> None:
     np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
+def test_autoclip_ring_wraps_and_counts_a_nonfinite_norm_as_the_largest() -> None:
+    series = norm_series()[:40]
+    series[20] = float("nan")
+    clip = gg.AutoClip(percentile=30, history=16)
+    got = drive(clip, series)
+    # by numpy: the last 16 norms, NaN taken as +inf (it only ever ranks above every finite norm)
+    ranked = [math.inf if math.isnan(g) else g for g in series]
+    for i, g in enumerate(series):
+        if not math.isnan(g):
+            window = ranked[max(0, i - 15): i + 1]
+            assert got[i] == pytest.approx(min(g, float(np.percentile(window, 30))), rel=1e-5), i
+    state = clip.state_dict()
+    restored = gg.AutoClip(percentile=30, history=16)
+    restored.load_state_dict(state)
+    assert restored.count == clip.count and torch.equal(restored.norms, clip.norms)
+
+
 def test_clip_specs_and_errors() -> None:
     from gradguard.repair import make_clip
 
