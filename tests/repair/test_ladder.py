@@ -87,6 +87,51 @@ def test_rollback_restores_model_and_optimizer_bitwise(device: str) -> None:
     guard.close()
 
 
+class Tied(nn.Module):
+    """A toy language model whose output layer shares the embedding matrix."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(50, 16)
+        self.mid = nn.Linear(16, 16)
+        self.out = nn.Linear(16, 50, bias=False)
+        self.out.weight = self.emb.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.mid(self.emb(x))))
+
+
+def test_snapshot_copies_tied_weights_once_and_rollback_keeps_them_tied() -> None:
+    torch.manual_seed(0)
+    m = Tied()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    guard = gg.Guard(m, opt, console=False, repair="auto")
+    assert guard.ladder is not None
+    x = torch.randint(0, 50, (8, 5))
+
+    def train(n: int) -> None:
+        for _ in range(n):
+            loss = nn.functional.cross_entropy(m(x).reshape(-1, 50), x.reshape(-1))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+    train(2)
+    guard.ladder.take_snapshot(m, opt, guard.step)
+    snap = guard.ladder.snapshot
+    assert snap is not None
+    # state_dict() lists the shared matrix under both names: one host copy, not two
+    assert snap.model["emb.weight"].data_ptr() == snap.model["out.weight"].data_ptr()
+    assert snap.model["emb.weight"].data_ptr() != m.emb.weight.data_ptr()  # a copy, not the live weights
+    want = copy.deepcopy(m.state_dict())
+    train(3)
+    guard.ladder.rollback(m, opt, guard.step)
+    assert m.out.weight is m.emb.weight  # still tied
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, want[k]), k
+    guard.close()
+
+
 def test_backoff_composes_with_a_scheduler_and_close_restores_its_wrapper() -> None:
     torch.manual_seed(0)
     m = nn.Linear(3, 1, bias=False)

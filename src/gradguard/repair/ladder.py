@@ -28,7 +28,7 @@ from ..detect.history import History
 from ..types import Action
 
 
-def _to_host(obj: Any, reuse: Any = None) -> Any:
+def _to_host(obj: Any, reuse: Any = None, memo: dict[tuple[Any, ...], torch.Tensor] | None = None) -> Any:
     """A deep copy with every tensor in host memory.
 
     A tensor on an accelerator goes into page-locked (pinned) memory with an asynchronous copy, ordered on the
@@ -37,22 +37,35 @@ def _to_host(obj: Any, reuse: Any = None) -> Any:
     per tensor, which made repair="auto" cost 1.1x per step). The pinned buffers of the previous snapshot are
     reused (``reuse``): pinning is slow, and the old snapshot is replaced anyway. Read the copies on the host only
     after a sync (``Ladder.rollback`` does one). DTensors and CPU tensors are copied as before.
+
+    Tensors that are views of the same memory (tied weights: a language model's input embedding and output layer
+    appear twice in ``state_dict()``) are copied once (``memo``), so the snapshot keeps them tied and costs no more
+    than the model: 49 MiB saved on the 4 x 256 GPT-2 of BENCHMARKS.md, whose vocabulary matrix is tied.
     """
+    memo = {} if memo is None else memo
     if isinstance(obj, torch.Tensor):
         t = obj.detach()
+        key = None
+        if type(t) is torch.Tensor and t.layout == torch.strided:
+            key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+            if key in memo:
+                return memo[key]
         if t.device.type == "cpu" or type(t) is not torch.Tensor:  # CPU, or a DTensor (its own .to keeps shards)
-            return t.to("cpu", copy=True)
-        same = (isinstance(reuse, torch.Tensor) and reuse.shape == t.shape and reuse.dtype == t.dtype
-                and reuse.is_pinned())
-        buf = reuse if same else torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-        buf.copy_(t, non_blocking=True)
-        return buf
+            out = t.to("cpu", copy=True)
+        else:
+            same = (isinstance(reuse, torch.Tensor) and reuse.shape == t.shape and reuse.dtype == t.dtype
+                    and reuse.is_pinned())
+            out = reuse if same else torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            out.copy_(t, non_blocking=True)
+        if key is not None:
+            memo[key] = out
+        return out
     if isinstance(obj, dict):
         old = reuse if isinstance(reuse, dict) else {}
-        return {k: _to_host(v, old.get(k)) for k, v in obj.items()}
+        return {k: _to_host(v, old.get(k), memo) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         old_seq = reuse if isinstance(reuse, type(obj)) and len(reuse) == len(obj) else [None] * len(obj)
-        return type(obj)(_to_host(v, r) for v, r in zip(obj, old_seq))
+        return type(obj)(_to_host(v, r, memo) for v, r in zip(obj, old_seq))
     return copy.deepcopy(obj)
 
 
