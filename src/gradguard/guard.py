@@ -27,7 +27,7 @@ from torch.utils.hooks import RemovableHandle
 
 from . import __version__
 from .detect import modes as mode_rules
-from .detect.exploding import detect_exploding_step, detect_exploding_window, step_candidates
+from .detect.exploding import detect_exploding_step, detect_exploding_window, detect_spike_damage, step_candidates
 from .detect.history import History, Thresholds
 from .detect.nonfinite import detect_nonfinite
 from .detect.reporter import Reporter, Verdict
@@ -36,6 +36,7 @@ from .detect.vanishing import detect_vanishing
 from .modes import DELIBERATE_TRAINING, ModeProfile, behaviour_modules
 from .repair.clip import ClipMethod, ScalarClip, ZClip, make_clip
 from .repair.ladder import Ladder
+from .repair.log import ActionLog
 from .report.sinks import ConsoleSink, JsonlSink, Sink
 from .stats.activations import ActivationSampler
 from .stats.distributed import all_reduce_sum, has_collective_forward, is_sharded, local, world
@@ -207,6 +208,7 @@ class Guard:
         self._rows: list[torch.Tensor] = []
         self._row_steps: list[int] = []
         self._row_loss_seen: list[bool] = []
+        # (step, weight norms, update norms [+ weight norms after the step] or None)
         self._samples: list[tuple[int, torch.Tensor, torch.Tensor | None]] = []
         self._snapshot: tuple[int, torch.Tensor, list[torch.Tensor] | tuple[torch.Tensor, ...]] | None = None
         self._acts: list[tuple[int, str, int, str, torch.Tensor]] = []
@@ -219,7 +221,7 @@ class Guard:
         # A condition checked only on sample steps must not look "gone" between two samples.
         self._reporter = Reporter(max(self.thresholds.cooldown, 2 * sample_every))
         self._diagnoses: list[Diagnosis] = []
-        self._actions: list[Action] = []
+        self._actions = ActionLog()
         self._handles: list[RemovableHandle] = []
         self._order_handles: list[RemovableHandle] = []
         self._order: list[str] = []
@@ -311,9 +313,20 @@ class Guard:
     @property
     def actions(self) -> list[Action]:
         """What gradguard did to the run, in order: clips (with ``clip=``), and with ``repair="auto"`` skipped steps,
-        learning-rate backoffs and restores, rollbacks. Reads pending statistics first."""
+        learning-rate backoffs and restores, rollbacks. Reads pending statistics first.
+
+        Memory is bounded: only the last 256 clips (and the last 4,096 other actions) are kept here;
+        ``action_counts`` counts all of them, and every one is written to the sinks (``events.jsonl``).
+        """
         self._drain_safely()
-        return list(self._actions)
+        return self._actions.to_list()
+
+    @property
+    def action_counts(self) -> dict[str, int]:
+        """How many actions of each kind gradguard took since attach (``{"clip": 1200, "skip_step": 2}``), including
+        the clips too old to be kept in ``actions``. Reads pending statistics first."""
+        self._drain_safely()
+        return dict(self._actions.counts)
 
     def mark_frozen(self, *modules: nn.Module) -> None:
         """Say that these modules (and everything inside them) are in eval mode on purpose while training, e.g.
@@ -517,7 +530,10 @@ class Guard:
                 if self._sharded:  # summed over ranks in the next step's all-reduce (one per step)
                     self._pending_update = (step, wnorm, *self._norms_or_new().squares(before))
                 else:
-                    self._samples.append((step, wnorm, self._layer_norms(before)))
+                    # ||w_after|| too: with ||w_before|| and ||dw|| it gives the update's part across the weights,
+                    # apart from the radial shrinking of weight decay (History.update_ratios, orthogonal=True).
+                    after = self._layer_norms([local(p.detach()) for p in self.layers.params])
+                    self._samples.append((step, wnorm, torch.cat([self._layer_norms(before), after])))
             self._external = False
             self._end_step()
         except Exception as e:
@@ -958,7 +974,9 @@ class Guard:
         L = self.layers.num_layers
         pieces = [torch.stack(self._rows).reshape(-1)]
         for _, w, u in self._samples:
-            pieces += [w, u if u is not None else torch.full_like(w, -1.0)]
+            # per sample: weight norms, update norms, weight norms after the step (-1: unknown)
+            missing = torch.full_like(w, -1.0)
+            pieces += [w, u if u is not None else missing] + ([missing] if u is None or u.numel() == L else [])
         pieces += [v.reshape(-1).to(self.device, torch.float32) for *_, v in self._acts]
         pieces += [torch.stack([e, late]).to(self.device, torch.float32) for _, _, e, late, _ in self._times]
         # The one host read per log_every steps (a sync on an accelerator, by design off the per-step path).
@@ -973,16 +991,21 @@ class Guard:
         rows = rows[keep]
         n_rows = int(keep.sum())
         h.append(np.array(self._row_steps, dtype=np.int64)[keep], rows[:, TOTAL], rows[:, LOSS],
-                 np.array(self._row_loss_seen, dtype=bool)[keep], rows[:, HEAD:])
+                 np.array(self._row_loss_seen, dtype=bool)[keep], rows[:, HEAD:],
+                 rows[:, CLIPPED] if self.clip is not None else None)
         for step, _, _ in self._samples:
             h.sample_steps.append(step)
-            h.weight.append(flat[off: off + L])
-            h.update.append(flat[off + L: off + 2 * L])
-            off += 2 * L
+            # Copies: a view would keep this whole read buffer (rows and activation values) alive for as long as
+            # the History keeps the sample (64 samples: 6 MiB on a 48-layer MLP, BENCHMARKS.md "Memory").
+            h.weight.append(flat[off: off + L].copy())
+            h.update.append(flat[off + L: off + 2 * L].copy())
+            h.after.append(flat[off + 2 * L: off + 3 * L].copy())
+            off += 3 * L
         for step, name, call, what, value in self._acts:
             k = value.numel()  # shape is host metadata: no sync
-            # A unit mask is kept as bools (1 byte a unit, not 8): the last 8 samples of every activation module.
-            h.add_act(step, name, call, what, flat[off: off + k] > 0 if what == "active" else float(flat[off]))
+            # A unit mask is kept packed (1 bit a unit, not 8 bytes): the last 8 samples of every activation module.
+            h.add_act(step, name, call, what, flat[off: off + k] > 0 if what == "active" else
+                      tuple(float(v) for v in flat[off: off + k]))  # (flat fraction, relative slope)
             off += k
         for step, name, _, _, steps_t in self._times:
             h.times.append((step, name, float(flat[off]), float(flat[off + 1]), steps_t))
@@ -1004,6 +1027,7 @@ class Guard:
         for r in step_candidates(h, range(len(h.steps) - n_rows, len(h.steps)), th):
             found.append(detect_nonfinite(h, r, self._origins.pop(int(h.steps[r]), None)))
             found.append(detect_exploding_step(h, r, th))
+        found += detect_spike_damage(h, th)  # spikes of earlier rows, now that the loss after them is known
         # Once NaN/Inf reached the statistics, every other rule reads garbage (a NaN output looks like a dead
         # ReLU): window rules wait until the window is clean again.
         if np.isfinite(h.total[-th.window:]).all():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 import gradguard as gg
-from gradguard.detect.exploding import detect_exploding_step, detect_exploding_window
+from gradguard.detect.exploding import detect_exploding_step, detect_exploding_window, detect_spike_damage
 from gradguard.detect.history import History
 from gradguard.detect.reporter import Reporter, Verdict
 from gradguard.detect.units import detect_units
@@ -46,7 +46,7 @@ def test_depth_ratio_threshold() -> None:
     g = np.tile(np.array([1e-7, 1e-6, 1e-3, 1e-3]), (120, 1))  # l0 is 1e-4 of the late layers: vanishing
     v = detect_vanishing(history(g), T)
     assert v is not None and v.key == ("vanishing", "depth") and v.diagnosis.layers[0] == "l0"
-    assert abs(v.diagnosis.evidence["early_late_ratio"] - 1e-4) < 1e-12
+    assert abs(v.diagnosis.evidence["early_late_ratio"] - 1e-4) < 1e-4 * 1e-6  # norms kept in float32
     g_ok = np.tile(np.array([5e-6, 1e-5, 1e-3, 1e-3]), (120, 1))  # 5e-3: above the 1e-3 threshold
     assert detect_vanishing(history(g_ok), T) is None
     assert detect_vanishing(history(g[:99]), T) is None  # less than a window of evidence
@@ -94,6 +94,29 @@ def test_dead_units_are_units_never_active_in_any_sample() -> None:
     assert detect_units(h2, T) == []
 
 
+def test_saturation_by_mean_slope_needs_a_stalled_loss() -> None:
+    # A sigmoid layer pushed toward 0: no output in the extreme tail (flat fraction 0), mean slope 10% of the peak.
+    def sampled(losses: np.ndarray) -> History:
+        h = history(np.ones((120, 2)), losses)
+        h.activation_order, h.output_activation = ["sig", "out"], "out"
+        for s in (50, 75, 100):
+            h.add_act(s, "sig", 0, "saturated", (0.0, 0.10))
+        return h
+
+    (v,) = detect_units(sampled(np.full(120, 2.3)), T)  # loss flat at chance for 120 steps
+    assert v.diagnosis.kind == "saturation" and v.diagnosis.evidence["relative_slope"] == 0.10
+    assert "10% of its peak" in v.diagnosis.message
+    assert detect_units(sampled(np.linspace(2.3, 1.0, 120)), T) == []  # the loss falls: learning goes on
+    h = sampled(np.full(120, 2.3))
+    h.add_act(125, "sig", 0, "saturated", (0.0, 0.25))  # one of the last 3 samples at 25% of the peak
+    assert detect_units(h, T) == []
+    # The output activation is never judged, however flat.
+    h = sampled(np.full(120, 2.3))
+    for s in (50, 75, 100):
+        h.add_act(s, "out", 0, "saturated", (0.9, 0.01))
+    assert [v.key[1] for v in detect_units(h, T)] == ["sig"]
+
+
 def test_reporter_once_on_change_and_after_going_away() -> None:
     r = Reporter(cooldown=50)
 
@@ -127,3 +150,89 @@ def test_a_converged_plateau_is_not_vanishing() -> None:
     fitted.sample_steps, fitted.weight, fitted.update = stuck.sample_steps, stuck.weight, stuck.update
     v2 = detect_vanishing(fitted, T)
     assert v2 is None or not v2.emit
+
+
+def spiky(early: float, late: float, spike: float, losses: np.ndarray) -> History:
+    """300 steps of 2 layers: norms `early` for 10 steps, then `late` (+-5 % noise), and at step 250 `spike`."""
+    rng = np.random.default_rng(0)
+    g = np.full((300, 2), late) * (1 + 0.05 * rng.standard_normal((300, 2)))
+    g[:10] = early
+    g[250] = spike
+    return history(g, losses)
+
+
+def test_spike_above_every_early_level_is_reported_at_once() -> None:
+    h = spiky(early=1.0, late=1.0, spike=20.0, losses=np.full(300, 2.0))
+    v = detect_exploding_step(h, 250, T)
+    assert v is not None and v.key == ("exploding", "spike") and v.diagnosis.severity == "warning"
+    # by hand: 2 layers at 20 -> total 20*sqrt(2); each layer 20x its early level 1.0
+    assert abs(v.diagnosis.evidence["total_grad_norm"] - 20 * np.sqrt(2)) < 1e-9
+    assert abs(v.diagnosis.evidence["max_layer_growth"] - 20.0) < 1e-9
+    assert h.spike_watch == []
+
+
+def test_spike_below_the_early_level_is_judged_by_the_loss_after_it() -> None:
+    # Norms 1.0 at the start, 0.01 late; one batch gives 0.3: 30x the running mean, but below every layer's early
+    # level. The loss is flat at 2.0 (not improving), so only the size rule could speak, and it does not.
+    losses = np.full(300, 2.0)
+    h = spiky(early=1.0, late=0.01, spike=0.3, losses=losses)
+    assert detect_exploding_step(h, 250, T) is None and h.spike_watch == [250]
+    assert detect_spike_damage(h, T) == [] and h.spike_watch == []  # the loss stayed at 2.0: no damage
+
+    # The same spike, and the loss after it is 3.0: a rise of 1.0 > 0.1 x 2.0 (its early level).
+    losses[251:] = 3.0
+    h = spiky(early=1.0, late=0.01, spike=0.3, losses=losses)
+    assert detect_exploding_step(h, 250, T) is None
+    found = detect_spike_damage(h, T)
+    assert len(found) == 1 and found[0].diagnosis.severity == "error" and found[0].diagnosis.step == 250
+    ev = found[0].diagnosis.evidence
+    assert ev["loss_after"] == 3.0 and ev["loss_before"] == 2.0
+    # A rise of 0.1 (5 % of the early level) is not damage.
+    losses[251:] = 2.1
+    h = spiky(early=1.0, late=0.01, spike=0.3, losses=losses)
+    detect_exploding_step(h, 250, T)
+    assert detect_spike_damage(h, T) == []
+    # Fewer than spike_follow (5) steps after it: still waiting.
+    short = spiky(early=1.0, late=0.01, spike=0.3, losses=losses)
+    cut = History(short.layers, short.numel, short.embedding)
+    cut.append(short.steps[:253], short.total[:253], losses[:253], np.ones(253, dtype=bool), short.grad[:253])
+    assert detect_exploding_step(cut, 250, T) is None
+    assert detect_spike_damage(cut, T) == [] and cut.spike_watch == [250]
+
+
+def test_spike_while_the_loss_improves_waits_for_its_effect() -> None:
+    # Above the early level (an LSTM finding its way), on a batch whose loss is below the running mean.
+    losses = np.full(300, 2.0)
+    losses[250:] = 1.0
+    h = spiky(early=1.0, late=1.0, spike=20.0, losses=losses)
+    assert detect_exploding_step(h, 250, T) is None and h.spike_watch == [250]
+    assert detect_spike_damage(h, T) == []
+
+
+def test_spike_after_the_run_fitted_its_data_waits_for_its_effect() -> None:
+    # 20x every layer's early level, but the loss has been at 0.01 (0.5% of its early 2.0) for 240 steps.
+    losses = np.concatenate([np.full(10, 2.0), np.full(290, 0.01)])
+    h = spiky(early=1.0, late=1.0, spike=20.0, losses=losses)
+    assert detect_exploding_step(h, 250, T) is None and h.spike_watch == [250]
+    assert detect_spike_damage(h, T) == []
+    losses[251:] = 0.5  # the fitted run loses its fit: a rise of ~0.49 > 0.1 x 2.0
+    h = spiky(early=1.0, late=1.0, spike=20.0, losses=losses)
+    detect_exploding_step(h, 250, T)
+    (v,) = detect_spike_damage(h, T)
+    assert v.diagnosis.evidence["loss_after"] == 0.5
+
+
+def test_clipped_spike_is_judged_by_its_effect() -> None:
+    # With clip= the spike's step was bounded: not reported for its size; reported if the loss still rose.
+    h = spiky(early=1.0, late=1.0, spike=20.0, losses=np.full(300, 2.0))
+    h.clipped = np.minimum(h.total, 1.0)
+    assert detect_exploding_step(h, 250, T) is None and h.spike_watch == [250]
+    assert detect_spike_damage(h, T) == []
+    losses = np.full(300, 2.0)
+    losses[251:] = 3.0
+    h = spiky(early=1.0, late=1.0, spike=20.0, losses=losses)
+    h.clipped = np.minimum(h.total, 1.0)
+    detect_exploding_step(h, 250, T)
+    (v,) = detect_spike_damage(h, T)
+    assert v.diagnosis.evidence["clipped_norm"] == 1.0
+    assert "clip cut this step's gradient to 1, and the loss rose all the same" in v.diagnosis.message

@@ -23,7 +23,7 @@ def _grown_layers(h: History, row: int) -> tuple[list[str], float]:
     """Layers ranked by how much their gradient norm grew against their own early baseline."""
     assert h.grad is not None
     base = h.baseline_grad
-    g = np.where(h.grad[row] < 0, np.nan, h.grad[row])
+    g = np.where(h.grad[row] < 0, np.nan, h.grad[row].astype(np.float64))
     if base is None:
         order = np.argsort(-np.nan_to_num(g, nan=-1.0, posinf=np.inf))
         return [h.layers[i] for i in order[:5]], float("nan")
@@ -42,7 +42,7 @@ def detect_exploding_step(h: History, row: int, t: Thresholds) -> Verdict | None
         h: the history; row: the step's row; t: thresholds.
 
     Returns:
-        A verdict or None.
+        A verdict or None. A spike to be judged by its effect on the loss goes on ``h.spike_watch`` instead.
 
     References:
         Kumar et al., "ZClip: Adaptive Spike Mitigation for LLM Pre-Training", 2025 (z-score of the gradient norm
@@ -77,18 +77,95 @@ def detect_exploding_step(h: History, row: int, t: Thresholds) -> Verdict | None
                                                                        list(REMEDIES)))
     zscore = float(h.z[row])
     mean = float(h.mean[row])
-    # A spike while the loss falls below its running mean is a model finding its way (an LSTM that starts to
-    # solve its task), not damage: only spikes without that progress are reported.
+    if not (h.finite_count[row] > t.warmup and zscore > t.spike_z and mean > 0 and total > t.spike_ratio * mean):
+        return None
+    layers, layer_growth = _grown_layers(h, row)
+    # Some spikes are not reported for their size alone, only if the loss then shows damage
+    # (detect_spike_damage): one while the loss falls below its running mean (a model finding its way, an LSTM
+    # that starts to solve its task), and one that leaves every layer's gradient within spike_ratio of that
+    # layer's own early level (the heavy tail of the tiny gradients of a run that has fitted its data: one hard
+    # example in a batch of 10 gives 20-50x the running mean, yet no step larger than those the run took at start).
     improving = loss is not None and np.isfinite(loss) and loss < float(h.loss_mean[row])  # mean before step
-    if (h.finite_count[row] > t.warmup and zscore > t.spike_z and mean > 0 and total > t.spike_ratio * mean
-            and not improving):
-        layers, layer_growth = _grown_layers(h, row)
-        msg = (f"Gradient spike: the total gradient norm jumped to {total:.4g}, {total / mean:.1f}x its running "
-               f"mean {mean:.4g} (z-score {zscore:.1f}). One such step can undo many steps of progress.")
-        ev = {"total_grad_norm": total, "running_mean": mean, "zscore": zscore, "max_layer_growth": layer_growth}
+    routine = bool(np.isfinite(layer_growth)) and layer_growth <= t.spike_ratio
+    # A run whose loss already sits below `learned` of its early level has fitted its data: its gradients are
+    # the noise of single hard examples, and a spike there is judged by its effect too (EXPERIMENTS.md F3).
+    learned = base_loss is not None and base_loss > 0 and float(h.loss_mean[row]) < t.learned * base_loss
+    # With clip= the step this gradient fed was bounded by the clip the user chose for exactly such spikes: what
+    # matters is whether the run was hurt anyway (EXPERIMENTS.md F8).
+    clipped = float(h.clipped[row])
+    bounded = bool(np.isfinite(clipped)) and clipped < total * (1 - 1e-6)
+    if improving or routine or learned or bounded:
+        h.spike_watch.append(step)
+        return None
+    return _spike(h, row, layers, layer_growth, None)
+
+
+def _spike(h: History, row: int, layers: list[str], layer_growth: float,
+           damage: tuple[float, float, int] | None) -> Verdict:
+    """The spike verdict for ``row``; ``damage`` = (loss before, mean loss after, steps after) when it did harm."""
+    step, total = int(h.steps[row]), float(h.total[row])
+    mean, zscore = float(h.mean[row]), float(h.z[row])
+    jump = (f"the total gradient norm jumped to {total:.4g}, {total / mean:.1f}x its running mean {mean:.4g} "
+            f"(z-score {zscore:.1f})")
+    ev = {"total_grad_norm": total, "running_mean": mean, "zscore": zscore, "max_layer_growth": layer_growth}
+    clipped = float(h.clipped[row])
+    clip_txt = ""
+    if np.isfinite(clipped) and clipped < total * (1 - 1e-6):
+        ev["clipped_norm"] = clipped
+        clip_txt = (f" The configured clip cut this step's gradient to {clipped:.4g}, and the loss rose all the same: "
+                    "lower the learning rate or look at the batches of these steps.")
+    if damage is None:
+        msg = f"Gradient spike: {jump}. One such step can undo many steps of progress.{clip_txt}"
         return Verdict(("exploding", "spike"), ("spike",), Diagnosis("exploding", "warning", step, layers, msg, ev,
                                                                      list(REMEDIES)))
-    return None
+    before, after, k = damage
+    ev.update({"loss_before": before, "loss_after": after})
+    msg = (f"Gradient spike that undid progress: at step {step} {jump}, and over the next {k} steps the loss "
+           f"averaged {after:.4g} against {before:.4g} before it.{clip_txt}")
+    return Verdict(("exploding", "spike"), ("spike", "damage"), Diagnosis("exploding", "error", step, layers, msg,
+                                                                          ev, list(REMEDIES)))
+
+
+def detect_spike_damage(h: History, t: Thresholds) -> list[Verdict]:
+    """Judge the spikes ``detect_exploding_step`` put on watch by the loss of the ``spike_follow`` steps after
+    them: a mean loss above the running mean before the spike by more than ``spike_damage`` of the loss's early
+    level (and by more than the batch-to-batch noise) means the step did damage, whatever its size.
+
+    Pascanu et al.'s cliff: one step of a recurrent network, on a batch whose own loss was low, with a gradient
+    35x its running mean, took the loss from 1.4 to 3.7 for good; gated on that batch's loss alone it went unseen.
+
+    Returns:
+        Verdicts for the spikes decided now; spikes still waiting for later steps stay on watch.
+
+    References:
+        Pascanu, Mikolov & Bengio, "On the difficulty of training recurrent neural networks", ICML 2013 (a single
+        large step across a cliff of the loss surface undoes learning).
+    """
+    out: list[Verdict] = []
+    waiting: list[int] = []
+    k = t.spike_follow
+    for step in h.spike_watch:
+        row = int(np.searchsorted(h.steps, step))
+        if row >= len(h.steps) or h.steps[row] != step:
+            continue  # left the window before enough steps followed (a read longer than the window)
+        seen = h.loss_seen[row + 1:]
+        after = h.loss[row + 1:][seen][:k]
+        if len(after) < k:
+            waiting.append(step)
+            continue
+        base = h.baseline_loss(step)
+        if base is None:
+            continue
+        before, mean_after = float(h.loss_mean[row]), float(np.mean(after))
+        noise = 3.0 * float(h.loss_std[row]) / np.sqrt(k)  # the spread of a mean of k batch losses
+        rise = mean_after - before
+        if not np.isfinite(mean_after):
+            continue  # the non-finite detector speaks for those steps
+        if rise > t.spike_damage * abs(base) and rise > noise:
+            layers, layer_growth = _grown_layers(h, row)
+            out.append(_spike(h, row, layers, layer_growth, (before, mean_after, k)))
+    h.spike_watch = waiting
+    return out
 
 
 def step_candidates(h: History, rows: range, t: Thresholds) -> list[int]:

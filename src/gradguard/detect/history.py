@@ -29,7 +29,11 @@ class Thresholds:
     window: int = 100  # steps of evidence behind window-based verdicts (vanishing, progress)
     warmup: int = 50  # finite steps before the z-score of the total norm is trusted
     spike_z: float = 10.0  # z-score of the total gradient norm against its EMA (ZClip's statistic)
-    spike_ratio: float = 3.0  # ... and at least this many times its running mean
+    spike_ratio: float = 3.0  # ... and at least this many times its running mean; a spike that leaves every
+    # layer's gradient within this factor of its own early level is judged by its effect on the loss instead
+    spike_damage: float = 0.1  # loss rise after a spike (mean of the next spike_follow steps against the running
+    # mean before it), as a fraction of the loss's early level, that shows the spike undid progress
+    spike_follow: int = 5  # steps after a spike whose loss shows whether it did damage
     growth_factor: float = 50.0  # total norm this many times above its early baseline ...
     loss_rise: float = 1.5  # ... while the loss is this many times its early level (or non-finite)
     update_ratio_high: float = 0.1  # ||dw||/||w|| per step; healthy training sits near 1e-3
@@ -42,6 +46,8 @@ class Thresholds:
     # zero loss is convergence, not vanishing gradients)
     dead_fraction: float = 0.5  # fraction of a layer's units never active
     saturated_fraction: float = 0.5  # fraction of a squashing layer's outputs on the flat part
+    saturated_slope: float = 0.2  # mean slope of a squashing layer, as a fraction of its peak, below which the
+    # layer counts as saturated while the loss stalls (Glorot & Bengio's top layer near 0 sits at 0.05-0.15)
     persist_samples: int = 3  # activation samples (distinct steps) a unit condition must hold
     cooldown: int = 50  # steps a condition must be absent before it counts as gone
 
@@ -97,11 +103,14 @@ class History:
     Attributes:
         layers: layer names in forward order; numel: elements per layer; embedding: which layers are lookups.
         steps, total, loss, loss_seen: per step. grad: (steps, layers) gradient norms, ABSENT=-1.
+        clipped: the total norm after the configured clip (NaN without one).
         mean, std, z: running mean/std of the total norm before each step, and that step's z-score.
         loss_mean, loss_std: running mean/std of the loss before each step. finite_count: finite totals so far.
-        sample_steps, weight, update: per sampled step, per layer weight norms and update norms (-1: no update).
-        acts: (module, call index, "active"|"saturated") -> recent (step, per-unit 0/1 mask | fraction).
+        sample_steps, weight, update, after: per sampled step, per layer weight norms before the step, update norms
+        (-1: no update) and weight norms after the step (-1: unknown).
+        acts: (module, call index, "active"|"saturated") -> recent (step, (units, packed per-unit mask) | value).
         times: (step, module, early, late, T). activation_order: activation modules in call order.
+        spike_watch: steps of spikes waiting for the loss of the steps after them (see ``detect_spike_damage``).
     """
 
     layers: list[str]
@@ -113,6 +122,7 @@ class History:
     total: np.ndarray = field(default_factory=lambda: np.zeros(0))
     loss: np.ndarray = field(default_factory=lambda: np.zeros(0))
     loss_seen: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
+    clipped: np.ndarray = field(default_factory=lambda: np.zeros(0))
     grad: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
     mean: np.ndarray = field(default_factory=lambda: np.zeros(0))
     std: np.ndarray = field(default_factory=lambda: np.zeros(0))
@@ -123,6 +133,7 @@ class History:
     sample_steps: list[int] = field(default_factory=list)
     weight: list[np.ndarray] = field(default_factory=list)
     update: list[np.ndarray] = field(default_factory=list)
+    after: list[np.ndarray] = field(default_factory=list)
     acts: dict[tuple[str, int, str], deque[tuple[int, Any]]] = field(default_factory=dict)
     times: list[tuple[int, str, float, float, int]] = field(default_factory=list)
     activation_order: list[str] = field(default_factory=list)
@@ -134,16 +145,23 @@ class History:
     first_losses: list[tuple[int, float]] = field(default_factory=list)
     count0: int = 0  # finite steps seen before this history started (a resumed run)
     acts_version: int = 0  # bumped by add_act: unit detectors only need to run when it moved
+    spike_watch: list[int] = field(default_factory=list)
     _flow_cache: tuple[tuple[int, int, int], Any] | None = None
 
     def __post_init__(self) -> None:
-        self.grad = np.zeros((0, len(self.layers)))
+        # float32: the device computes the norms in float32, so this keeps every bit they have at half the bytes
+        self.grad = np.zeros((0, len(self.layers)), dtype=np.float32)
         self.grad_ema = Ema(self.beta)
         self.loss_ema = Ema(self.beta)
 
     def append(self, steps: np.ndarray, total: np.ndarray, loss: np.ndarray, loss_seen: np.ndarray,
-               grad: np.ndarray) -> None:
-        """Add rows (one per step, in order) and derive the running statistics for each."""
+               grad: np.ndarray, clipped: np.ndarray | None = None) -> None:
+        """Add rows (one per step, in order) and derive the running statistics for each.
+
+        Args:
+            steps, total, loss, loss_seen: one value per row. grad: (rows, layers) gradient norms.
+            clipped: the total norm after the configured clip, per row (None: no clip configured).
+        """
         n = len(steps)
         cols = np.zeros((6, n))
         count = int(self.finite_count[-1]) if len(self.finite_count) else self.count0
@@ -171,15 +189,21 @@ class History:
         self.total = cat(self.total, total)
         self.loss = cat(self.loss, loss)
         self.loss_seen = cat(self.loss_seen, loss_seen)
-        self.grad = cat(self.grad, grad)
+        self.clipped = cat(self.clipped, np.full(n, np.nan) if clipped is None else np.asarray(clipped, float))
+        self.grad = cat(self.grad, np.asarray(grad, dtype=np.float32))
         self.mean, self.std, self.z = cat(self.mean, cols[0]), cat(self.std, cols[1]), cat(self.z, cols[2])
         self.loss_mean, self.loss_std = cat(self.loss_mean, cols[3]), cat(self.loss_std, cols[4])
         self.finite_count = cat(self.finite_count, counts)
-        for lst in (self.sample_steps, self.weight, self.update):
+        for lst in (self.sample_steps, self.weight, self.update, self.after):
             del lst[:-64]
         del self.times[:-256]
 
     def add_act(self, step: int, module: str, call: int, what: str, value: Any) -> None:
+        """Keep one activation sample: for "active", a per-unit mask (stored packed, 1 bit a unit, with its
+        length; ``unit_mask`` unpacks it); otherwise the value as given."""
+        if what == "active":
+            mask = np.asarray(value).reshape(-1) > 0
+            value = (mask.size, np.packbits(mask))
         self.acts.setdefault((module, call, what), deque(maxlen=8)).append((step, value))
         self.acts_version += 1
 
@@ -244,21 +268,64 @@ class History:
         self.first_grads = [np.asarray(g, dtype=np.float64)[perm] for g in state["first_grads"]]
 
 
-def update_ratios(h: History, n: int) -> np.ndarray | None:
+def loss_stalled(h: History, t: Thresholds) -> tuple[bool, float | None]:
+    """Whether the loss stopped improving over the last ``t.window`` steps, and the relative improvement.
+
+    A loss that already fell below ``t.learned`` of its early level has converged: the small gradients of a
+    fitted model are not a stall (found as false alarms in experiments/seeds.py). Without an observed loss the
+    progress is None and the run counts as stalled (callers ask for stronger evidence then).
+    """
+    prog = h.progress(len(h.steps), t.window)
+    if prog is not None and h.first_losses:
+        early = float(np.mean([v for _, v in h.first_losses]))
+        window = slice(max(0, len(h.steps) - t.window), len(h.steps))
+        seen = h.loss_seen[window] & np.isfinite(h.loss[window])
+        if early > 0 and seen.any() and float(np.mean(h.loss[window][seen])) < t.learned * early:
+            return False, prog
+    return (prog is None or prog < t.progress), prog
+
+
+def unit_mask(value: tuple[int, np.ndarray]) -> np.ndarray:
+    """The per-unit bool mask of an "active" sample stored by ``History.add_act``."""
+    units, packed = value
+    return np.unpackbits(packed, count=units).astype(bool)
+
+
+def update_ratios(h: History, n: int, orthogonal: bool = False) -> np.ndarray | None:
     """(n, layers) update-to-weight ratios ||dw||/||w|| of the last ``n`` sampled steps inside the history window.
+
+    Args:
+        h: the history; n: how many samples.
+        orthogonal: measure only the part of the update across the weights, leaving out its component along them.
+            Weight decay moves every weight toward zero, along the weights themselves: by lr * wd / (1 - momentum)
+            of their norm per step (2.5e-5 with SGD 0.005, momentum 0.9, wd 5e-4), enough to hide weights that the
+            gradient no longer moves. From the norms alone, with d = w_after - w_before:
+            w_before . d = (||w_after||^2 - ||w_before||^2 - ||d||^2) / 2 and
+            ||d_across||^2 = ||d||^2 - (w_before . d)^2 / ||w_before||^2. Where the norm after the step is unknown
+            (sharded parameters), the whole update is used.
 
     Returns:
         The ratios (NaN where a layer had no weight or no update), or None when fewer than ``n`` samples exist.
+
+    References:
+        Loshchilov & Hutter, "Decoupled Weight Decay Regularization", ICLR 2019 (decay as a shrinking of the
+        weights, separate from the gradient step).
     """
     if len(h.sample_steps) < n or h.sample_steps[-n] < h.steps[0]:
         return None
+    afters = h.after[-n:] if len(h.after) >= n else [None] * n
     rows = []
-    for w, u in zip(h.weight[-n:], h.update[-n:]):
+    for w, u, a in zip(h.weight[-n:], h.update[-n:], afters):
         ok = (w > 0) & (u >= 0)
+        if orthogonal and a is not None:
+            known = ok & (a >= 0)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                along = (a * a - w * w - u * u) / 2.0 / np.where(known, w, 1.0)
+                across = np.sqrt(np.maximum(u * u - along * along, 0.0))
+            u = np.where(known, across, u)
         rows.append(np.where(ok, u / np.where(ok, w, 1.0), np.nan))
     r = np.stack(rows)
     return r if np.isfinite(r).any(axis=1).all() else None
-
 
 def layer_flow(h: History, window: int) -> tuple[list[str], list[str], float | None, np.ndarray]:
     """Early vs late layers' RMS gradient over the last ``window`` steps (median per layer), lookups left out.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..types import Diagnosis, Severity
-from .history import History, Thresholds
+from .history import History, Thresholds, loss_stalled, unit_mask
 from .reporter import Verdict
 
 DEAD_REMEDIES = [
@@ -27,11 +27,24 @@ def detect_units(h: History, t: Thresholds) -> list[Verdict]:
     after it) is not judged for saturation: a confident sigmoid output is the goal of training there, not a fault.
     The top hidden layer, followed by a linear head, is judged (Glorot & Bengio's saturating layer).
 
+    Saturation is either of: at least ``saturated_fraction`` of the outputs where the slope is under 1% of its
+    peak (on its own: that layer passes almost no gradient); or a mean slope under ``saturated_slope`` of the peak
+    while the loss stalls (a layer pushed toward an asymptote, outputs mostly outside the extreme tail, that starves
+    the layers below it; without the stall such a layer may be a trained one that encodes confident features).
+
+    Args:
+        h: the history (its ``acts`` samples); t: thresholds.
+
+    Returns:
+        One verdict per activation module and call whose condition holds.
+
     References:
         Lu et al., "Dying ReLU and Initialization: Theory and Numerical Examples", 2019. Glorot & Bengio, AISTATS
         2010 (sigmoid saturation in deep networks).
     """
     last_act = h.output_activation
+    is_stalled, prog = loss_stalled(h, t) if len(h.steps) >= t.window else (False, None)
+    stalled = is_stalled and prog is not None  # a stall needs an observed loss
     out: list[Verdict] = []
     n = t.persist_samples
     ncalls: dict[tuple[str, str], int] = {}
@@ -48,7 +61,7 @@ def detect_units(h: History, t: Thresholds) -> list[Verdict]:
         where = f"'{name}'" + (f" (call {call + 1} of {calls} in a forward pass)" if calls > 1 else "")
         key = (name, str(call))
         if what == "active":
-            masks = [np.asarray(v) for _, v in recent]
+            masks = [unit_mask(v) for _, v in recent]
             if len({m.shape for m in masks}) != 1:
                 continue
             # Dead = not active for any sample of any of the last n sampled batches.
@@ -63,16 +76,27 @@ def detect_units(h: History, t: Thresholds) -> list[Verdict]:
                 "dead_units", sev, step, layers, msg, {"dead_fraction": frac, "units": float(masks[0].size),
                                                        "samples": float(n)}, list(DEAD_REMEDIES))))
         elif what == "saturated" and name != last_act:
-            vals = np.array([float(v) for _, v in recent])
-            if vals.min() < t.saturated_fraction:
+            flat = np.array([v[0] for _, v in recent])
+            slope = np.array([v[1] for _, v in recent])
+            if flat.min() >= t.saturated_fraction:
+                frac = float(flat[-1])
+                msg = (f"{100 * frac:.0f}% of the outputs of {where} sit on the flat part of the curve, where its "
+                       f"slope is under 1% of its peak (last {n} sampled batches). Gradients through it are squashed "
+                       "toward zero, so the layers before it learn very slowly.")
+                ev = {"saturated_fraction": frac, "relative_slope": float(slope[-1]), "samples": float(n)}
+            elif slope.max() < t.saturated_slope and stalled:
+                # Glorot & Bengio's top hidden layer: pushed toward 0 (mean outputs 0.01-0.04), few outputs in
+                # the extreme tail, yet its mean slope is a tenth of the peak, and the loss stalls meanwhile.
+                frac = float(flat[-1])
+                msg = (f"The outputs of {where} sit far from the steep middle of the curve: on average its slope is "
+                       f"{100 * float(slope[-1]):.0f}% of its peak (last {n} sampled batches), while the loss has "
+                       f"not improved over the last {t.window} steps. The layer passes on only that share of the "
+                       "gradient, so the layers before it barely learn.")
+                ev = {"saturated_fraction": frac, "relative_slope": float(slope[-1]), "samples": float(n)}
+            else:
                 continue
-            frac = float(vals[-1])
-            msg = (f"{100 * frac:.0f}% of the outputs of {where} sit on the flat part of the curve, where its slope "
-                   f"is under 1% of its peak (last {n} sampled batches). Gradients through it are squashed toward "
-                   "zero, so the layers before it learn very slowly.")
             out.append(Verdict(("saturation", *key), ("warning",), Diagnosis(
-                "saturation", "warning", step, layers, msg, {"saturated_fraction": frac, "samples": float(n)},
-                list(SAT_REMEDIES))))
+                "saturation", "warning", step, layers, msg, ev, list(SAT_REMEDIES))))
     return out
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..types import Diagnosis
-from .history import History, Thresholds, layer_flow, nanmedian, update_ratios
+from .history import History, Thresholds, layer_flow, loss_stalled, nanmedian, update_ratios
 from .reporter import Verdict
 
 REMEDIES_DEPTH = [
@@ -34,19 +34,6 @@ REMEDIES_TIME = [
 ]
 
 
-def _stalled(h: History, t: Thresholds) -> tuple[bool, float | None]:
-    """Whether the loss stopped improving; a loss that already fell far below its early level has converged, and
-    the small gradients of a fitted model are not vanishing ones (found as false alarms in experiments/seeds.py)."""
-    prog = h.progress(len(h.steps), t.window)
-    if prog is not None and h.first_losses:
-        early = float(np.mean([v for _, v in h.first_losses]))
-        window = slice(max(0, len(h.steps) - t.window), len(h.steps))
-        seen = h.loss_seen[window] & np.isfinite(h.loss[window])
-        if early > 0 and seen.any() and float(np.mean(h.loss[window][seen])) < t.learned * early:
-            return False, prog
-    return (prog is None or prog < t.progress), prog
-
-
 def detect_vanishing(h: History, t: Thresholds) -> Verdict | None:
     """Window verdict on vanishing gradients, through time first (the most specific), then depth.
 
@@ -63,7 +50,7 @@ def detect_vanishing(h: History, t: Thresholds) -> Verdict | None:
     """
     if len(h.steps) < t.window:
         return None
-    stalled, prog = _stalled(h, t)
+    stalled, prog = loss_stalled(h, t)
     # Without an observed loss the gate cannot see progress: ask for 10x stronger evidence instead.
     strict = 1.0 if prog is not None else 0.1
     step = int(h.steps[-1])
@@ -89,9 +76,12 @@ def _evidence(h: History, t: Thresholds, strict: float, step: int, prog_ev: dict
 
     early, late, ratio, rms = layer_flow(h, t.window)
     ratio_hit = ratio is not None and ratio < t.vanish_ratio * strict
-    upd = update_ratios(h, 3)
+    # The update across the weights: weight decay's uniform shrinking is movement, not learning (EXPERIMENTS.md F6).
+    upd = update_ratios(h, 3, orthogonal=True)
     med_upd = float(np.max(nanmedian(upd, axis=1))) if upd is not None else None
     abs_hit = med_upd is not None and med_upd < t.vanish_update * strict
+    whole = update_ratios(h, 3) if abs_hit else None
+    med_whole = float(np.max(nanmedian(whole, axis=1))) if whole is not None else None
     if not (ratio_hit or abs_hit):
         return None
     tot = float(np.median(h.total[-t.window:]))
@@ -105,6 +95,10 @@ def _evidence(h: History, t: Thresholds, strict: float, step: int, prog_ev: dict
         abs_txt = (f" Half the layers change their weights by less than {med_upd:.2g} of their norm per step (healthy "
                    "training sits near 1e-3), so they effectively do not learn." if med_upd > 0 else
                    " Half the layers do not change their weights at all.")
+        if med_whole is not None and med_whole >= t.vanish_update * strict:
+            ev["median_update_ratio_with_decay"] = med_whole
+            abs_txt += (f" (Counting the uniform shrinking of weight decay they move by {med_whole:.2g}: the decay "
+                        "moves them, the gradient does not.)")
     if ratio_hit:
         assert ratio is not None
         late_rms = float(np.median([rms[h.layers.index(n)] for n in late]))

@@ -1,7 +1,8 @@
 """Activation and time-step statistics, gathered by hooks armed on a sampling schedule (never every step).
 
 - ReLU-family modules: which units were active (> 0) for at least one sample of the batch.
-- Sigmoid/Tanh modules: fraction of outputs in the flat region, where the derivative is under 1% of its peak.
+- Sigmoid/Tanh modules: fraction of outputs in the flat region, where the derivative is under 1% of its peak, and
+  the mean derivative over all outputs as a fraction of the peak (how much gradient the layer lets through).
 - Recurrent modules (RNN/LSTM/GRU): how much gradient reaches the first and the last time steps of the input.
 
 Each hook leaves small device tensors in a list; the Guard copies them to the host with the step statistics.
@@ -50,6 +51,29 @@ def saturated_fraction(module: nn.Module, out: torch.Tensor) -> torch.Tensor:
     return flat.to(torch.float32).mean()
 
 
+def relative_slope(module: nn.Module, out: torch.Tensor) -> torch.Tensor:
+    """Mean derivative of a squashing activation at its outputs, as a fraction of its peak derivative (1.0: every
+    output at the steepest point; Glorot & Bengio's top sigmoid layer pushed toward 0 sits near 0.05-0.15).
+
+    From the output alone: sigmoid' = s(1 - s), peak 1/4; tanh' = 1 - t^2; softsign' = (1 - |y|)^2; hardtanh' = 1
+    strictly between its bounds, else 0.
+
+    References:
+        Glorot & Bengio, "Understanding the difficulty of training deep feedforward neural networks", AISTATS 2010
+        (saturation of the top hidden layer, Sec. 3.1).
+    """
+    o = out.detach().to(torch.float32)
+    if isinstance(module, nn.Sigmoid):
+        slope = 4.0 * o * (1.0 - o)
+    elif isinstance(module, nn.Hardtanh):
+        slope = ((o > module.min_val) & (o < module.max_val)).to(torch.float32)
+    elif isinstance(module, nn.Softsign):
+        slope = (1.0 - o.abs()).square()
+    else:  # Tanh
+        slope = 1.0 - o.square()
+    return slope.mean()
+
+
 class ActivationSampler:
     """Registers the sampling hooks for one forward pass, then removes them.
 
@@ -64,7 +88,8 @@ class ActivationSampler:
         self.handles: list[RemovableHandle] = []
         self.tensor_handles: list[RemovableHandle] = []  # gradient hooks on RNN inputs, removed in take()
         self.calls: dict[str, int] = {}  # calls of each module in the current forward (a module may be reused)
-        #: filled while armed: (module, call index, "active"|"saturated", device tensor: per-unit mask | fraction)
+        #: filled while armed: (module, call index, "active"|"saturated", device tensor: per-unit mask |
+        #: [flat fraction, relative slope])
         self.act_records: list[tuple[str, int, str, torch.Tensor]] = []
         #: filled during backward: (module name, early-steps grad norm, late-steps grad norm, T)
         self.time_records: list[tuple[str, torch.Tensor, torch.Tensor, int]] = []
@@ -115,7 +140,8 @@ class ActivationSampler:
             if name not in self.call_order:
                 self.call_order.append(name)
             if isinstance(module, SATURATING):
-                self.act_records.append((name, call, "saturated", saturated_fraction(module, output)))
+                stats = torch.stack([saturated_fraction(module, output), relative_slope(module, output)])
+                self.act_records.append((name, call, "saturated", stats))
             else:
                 self.act_records.append((name, call, "active", active_units(output)))
         return hook
