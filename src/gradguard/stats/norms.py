@@ -32,6 +32,9 @@ class LayerNorms:
         self.groups = layers.groups()
         self.rank = rank
         self.own = [rank is None or rank == 0 or is_sharded(p) for p in layers.params]
+        # No DTensor among the parameters (checked once): their gradients and copies are plain tensors, and the
+        # per-step path can hand them to the fused kernel without two Python calls per tensor (local, _dense).
+        self._plain = all(local(p) is p for p in layers.params)
         self._cache: dict[tuple[int, ...], tuple[list[tuple[list[int], torch.Tensor]], torch.Tensor | None]] = {}
 
     def _plan(self, present: tuple[int, ...]) -> tuple[list[tuple[list[int], torch.Tensor]], torch.Tensor | None]:
@@ -85,11 +88,16 @@ class LayerNorms:
         per_group, absent_mask = self._plan(present)
         sq = torch.zeros(self.layers.num_layers, dtype=torch.float32, device=self.device)
         for pos, idx in per_group:
-            group = [_dense(local(tensors[i])) for i in pos]
+            group = [tensors[i] for i in pos] if self._plain else [_dense(local(tensors[i])) for i in pos]
             # One fused kernel per (device, dtype); at least fp32 accumulation, so bf16/fp16 gradients neither
             # overflow nor lose the small ones (float64 stays float64).
             acc = torch.promote_types(group[0].dtype, torch.float32)
-            norms = torch._foreach_norm(group, 2, dtype=acc)
+            try:
+                norms = torch._foreach_norm(group, 2, dtype=acc)
+            except (NotImplementedError, RuntimeError):
+                # A sparse gradient (nn.Embedding(sparse=True)): the kernel has no sparse version; rare, so found
+                # by its error rather than checked on every tensor of every step.
+                norms = torch._foreach_norm([_dense(t) for t in group], 2, dtype=acc)
             stacked = torch.stack(norms).to(self.device, torch.float32, non_blocking=True)
             sq.index_add_(0, idx, stacked * stacked)
         return sq, absent_mask
