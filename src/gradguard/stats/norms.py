@@ -6,6 +6,7 @@ Nothing here reads a value back to the host: every function returns device tenso
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 
@@ -88,7 +89,9 @@ class LayerNorms:
         per_group, absent_mask = self._plan(present)
         sq = torch.zeros(self.layers.num_layers, dtype=torch.float32, device=self.device)
         for pos, idx in per_group:
-            group = [tensors[i] for i in pos] if self._plain else [_dense(local(tensors[i])) for i in pos]
+            # positions in the plan are present ones: never None
+            group = (cast(list[torch.Tensor], [tensors[i] for i in pos]) if self._plain
+                     else [_dense(local(tensors[i])) for i in pos])
             # One fused kernel per (device, dtype); at least fp32 accumulation, so bf16/fp16 gradients neither
             # overflow nor lose the small ones (float64 stays float64).
             acc = torch.promote_types(group[0].dtype, torch.float32)
