@@ -281,6 +281,7 @@ def test_works_in_a_pytorch_lightning_trainer(tmp_path: Path) -> None:
     tr.callbacks.append(cb)
     tr.fit(Module(), loader())
     assert cb.guard.step == 4 and [a.kind for a in cb.actions] == ["clip"] * 4 and tr.gradient_clip_val == 0.1
+    assert cb.action_counts == {"clip": 4}
 
 
 def test_bf16_mixed_has_no_false_nonfinite_and_measures_the_model_gradients(tmp_path: Path) -> None:

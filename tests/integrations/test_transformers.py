@@ -125,7 +125,7 @@ def test_pre_clip_norms_and_one_clip_at_max_grad_norm(tmp_path: Path, optim: str
     # The Trainer's own numbers: its grad_norm (clip_grad_norm_ at inf: still the pre-clip norm) and its loss.
     assert [e["grad_norm"] for e in logged] == pytest.approx(probe.pre, rel=1e-5)
     assert h.loss.tolist() == pytest.approx([e["loss"] for e in logged], rel=1e-6)
-    assert [a.kind for a in cb.actions] == ["clip"] * 8
+    assert [a.kind for a in cb.actions] == ["clip"] * 8 and cb.action_counts == {"clip": 8}
 
 
 def test_user_clip_replaces_max_grad_norm(tmp_path: Path) -> None:

@@ -1,12 +1,16 @@
-"""What the framework adapters share: turning gradguard's sink records into flat metric dicts, and finding the
-torch optimizer inside a framework's wrapper. Imports nothing beyond torch."""
+"""What the framework adapters share: turning gradguard's sink records into flat metric dicts, finding the torch
+optimizer inside a framework's wrapper, and the results every callback exposes. Imports nothing beyond torch."""
 
 from __future__ import annotations
 
 import sys
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import torch
+
+if TYPE_CHECKING:
+    from ..guard import Guard
+    from ..types import Action, Diagnosis
 
 PREFIX = "gradguard/"
 
@@ -45,6 +49,28 @@ def stats_metrics(record: dict[str, Any], layers: bool = True) -> dict[str, floa
             if v is not None:
                 out[f"{PREFIX}grad_norm/{name}"] = v
     return out
+
+
+class GuardResults:
+    """What a framework callback exposes of its Guard, readable during and after the run."""
+
+    guard: Guard | None
+
+    @property
+    def diagnoses(self) -> list[Diagnosis]:
+        """Every diagnosis of the last run, in the order found (readable after training ended)."""
+        return self.guard.diagnoses if self.guard is not None else []
+
+    @property
+    def actions(self) -> list[Action]:
+        """What gradguard did to the last run (clips, and with ``repair="auto"`` skips, backoffs, rollbacks); the
+        most recent ones, see ``Guard.actions``."""
+        return self.guard.actions if self.guard is not None else []
+
+    @property
+    def action_counts(self) -> dict[str, int]:
+        """How many actions of each kind the last run took (all of them)."""
+        return self.guard.action_counts if self.guard is not None else {}
 
 
 class Counts:

@@ -18,8 +18,7 @@ except ImportError:  # only the standalone package is installed
     import pytorch_lightning as pl  # type: ignore[no-redef]
 
 from ..guard import Guard
-from ..types import Action, Diagnosis
-from ._common import Counts, diagnosis_text, inner_optimizer, notice, stats_metrics
+from ._common import Counts, GuardResults, diagnosis_text, inner_optimizer, notice, stats_metrics
 
 
 class _LoggerSink:
@@ -99,7 +98,7 @@ def _found_inf(scaler: Any, optimizer: torch.optim.Optimizer) -> tuple[bool, tor
     return True, total
 
 
-class GradGuardCallback(pl.Callback):
+class GradGuardCallback(GuardResults, pl.Callback):
     """Watch a Lightning ``Trainer.fit`` run with gradguard.
 
     ::
@@ -171,18 +170,6 @@ class GradGuardCallback(pl.Callback):
         self._scaler: Any = None
         self._pending: dict[str, Any] | None = None  # Guard state loaded before the Guard existed
         self._saved_clip: tuple[pl.Trainer, float | int | None] | None = None
-
-    # ------------------------------------------------------------------ results
-
-    @property
-    def diagnoses(self) -> list[Diagnosis]:
-        """Every diagnosis of the last fit, in the order found (readable after the fit ended)."""
-        return self.guard.diagnoses if self.guard is not None else []
-
-    @property
-    def actions(self) -> list[Action]:
-        """What gradguard did to the last fit (clips with ``clip=``)."""
-        return self.guard.actions if self.guard is not None else []
 
     # ------------------------------------------------------------------ lifecycle
 

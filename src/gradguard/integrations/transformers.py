@@ -22,8 +22,7 @@ except ImportError:  # older transformers: no callback state in checkpoints (the
         """Stand-in for transformers' ``ExportableState`` (absent in this version)."""
 
 from ..guard import Guard
-from ..types import Action, Diagnosis
-from ._common import Counts, inner_optimizer, notice, stats_metrics
+from ._common import Counts, GuardResults, inner_optimizer, notice, stats_metrics
 
 
 class _Collector:
@@ -70,7 +69,7 @@ def _jsonable(value: Any) -> bool:
     return True
 
 
-class GradGuardTrainerCallback(TrainerCallback, ExportableState):
+class GradGuardTrainerCallback(GuardResults, TrainerCallback, ExportableState):
     """Watch a transformers ``Trainer.train`` run with gradguard.
 
     ::
@@ -155,18 +154,6 @@ class GradGuardTrainerCallback(TrainerCallback, ExportableState):
         cb = cls(**guard_kwargs)
         trainer.callback_handler.callbacks.insert(0, cb)
         return cb
-
-    # ------------------------------------------------------------------ results
-
-    @property
-    def diagnoses(self) -> list[Diagnosis]:
-        """Every diagnosis of the last run, in the order found (readable after training ended)."""
-        return self.guard.diagnoses if self.guard is not None else []
-
-    @property
-    def actions(self) -> list[Action]:
-        """What gradguard did to the last run (clips, and with ``repair="auto"`` skips, backoffs, rollbacks)."""
-        return self.guard.actions if self.guard is not None else []
 
     # ------------------------------------------------------------------ lifecycle
 
