@@ -77,6 +77,19 @@ def _closure_given(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     return kwargs.get("closure") is not None or any(callable(a) for a in args)
 
 
+def _evaluate_closure(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
+    """Run the closure of ``optimizer.step(closure)`` now (forward and backward, under grad as ``step`` would) and
+    return its result with the arguments rewritten to pass a closure that only returns that result."""
+    if kwargs.get("closure") is not None:
+        with torch.enable_grad():
+            result = kwargs["closure"]()
+        return result, args, {**kwargs, "closure": lambda: result}
+    i = next(i for i, a in enumerate(args) if callable(a))
+    with torch.enable_grad():
+        result = args[i]()
+    return result, (*args[:i], lambda: result, *args[i + 1:]), kwargs
+
+
 class Guard:
     """Watch every layer's gradients during training and diagnose exploding, vanishing and non-finite gradients,
     dead and saturated units.
@@ -101,7 +114,8 @@ class Guard:
             divergence rolls model and optimizer back to the last good snapshot (taken every ``snapshot_every``
             steps into host memory). Each repair is an Action in ``guard.actions`` and events.jsonl. The skip costs
             one small host read per step on an accelerator unless the optimizer is fused (then the fused kernel's
-            ``found_inf`` does it on the device), as torch.amp.GradScaler does.
+            ``found_inf`` does it on the device), as torch.amp.GradScaler does. ``optimizer.step(closure)`` is
+            repaired too (the closure runs first; PyTorch Lightning steps this way), except with LBFGS.
         lr_backoff, lr_restore_after, snapshot_every, max_rollbacks: settings of the repair ladder (backoff
             factor, stable steps before each step back up, steps between snapshots, rollbacks before giving up).
         log_every: steps between host reads of the statistics (one copy each); detectors run then.
@@ -520,7 +534,7 @@ class Guard:
         try:
             if self.ladder is None:
                 self._restore_fused_flags()  # the repaired step restores its own after the step
-            if _closure_given(args, kwargs) and not self._external:
+            if _closure_given(args, kwargs) and not self._external and not self._recorded:
                 self._record_step(snapshot=False, clip=False)  # after the step: nothing left to clip
             elif self._snapshot is not None:
                 step, wnorm, before = self._snapshot
@@ -577,8 +591,16 @@ class Guard:
 
     def _repaired_step(self, *args: Any, **kwargs: Any) -> Any:
         assert self._orig_step is not None and self.optimizer is not None and self.ladder is not None
-        if self._closed or self._failed or _closure_given(args, kwargs):
+        closure = _closure_given(args, kwargs)
+        # LBFGS evaluates its closure many times inside one step: there is no single gradient to judge beforehand.
+        if self._closed or self._failed or (closure and isinstance(self.optimizer, torch.optim.LBFGS)):
             return self._orig_step(*args, **kwargs)
+        result = None
+        if closure:
+            # A one-evaluation optimizer stepped with a closure (PyTorch Lightning does this): evaluate it first,
+            # so the gradients can be measured, clipped, or the step skipped before the update, then hand the
+            # optimizer a closure that returns the same result (it calls it once, as it would have).
+            result, args, kwargs = _evaluate_closure(args, kwargs)
         try:
             if not self._external:  # else record_gradients() measured (and clipped) this step already
                 self._judge_eval_in_training()
@@ -595,7 +617,7 @@ class Guard:
             self._restore_fused_flags()
             self._act(Action("skip_step", self.step, {"why": "non-finite gradients"}))
             self._end_step()
-            return None
+            return result  # what step(closure) returns: the closure's loss (None without a closure)
         saved = self.ladder.scale_lr(self.optimizer)
         try:
             return self._orig_step(*args, **kwargs)

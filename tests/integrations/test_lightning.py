@@ -123,9 +123,34 @@ def test_clip_takes_over_from_gradient_clip_val_without_double_clipping(tmp_path
     assert console.getvalue().count("takes over gradient clipping") == 1
 
 
-def test_repair_auto_is_refused_with_the_reason() -> None:
-    with pytest.raises(ValueError, match="only clip= is supported"):
-        GradGuardCallback(repair="auto")
+class PoisonedStep(Classifier):
+    """Its loss turns NaN at one step, as a bad batch or an overflow would make it."""
+
+    def __init__(self, net: nn.Module, bad_step: int) -> None:
+        super().__init__(net)
+        self.bad_step = bad_step
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        return loss * float("nan") if batch_idx == self.bad_step else loss
+
+
+def test_repair_auto_skips_a_non_finite_step_inside_lightnings_closure(tmp_path: Path) -> None:
+    model = PoisonedStep(small_net(), bad_step=3)
+    cb = GradGuardCallback(console=False, repair="auto", log_every=2)
+    trainer(tmp_path, max_epochs=1, callbacks=[cb]).fit(model, loader(n=96, scale=1.0))
+    assert [(a.kind, a.step) for a in cb.actions] == [("skip_step", 3)]
+    # The oracle: plain SGD on the same batches with batch 3 left out (a skipped step changes nothing).
+    ref = small_net()
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    for i, (x, y) in enumerate(loader(n=96, scale=1.0)):
+        if i == 3:
+            continue
+        opt.zero_grad()
+        F.cross_entropy(ref(x), y).backward()
+        opt.step()
+    for a, b in zip(model.net.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
 def test_vanishing_reaches_diagnoses_and_the_csv_logger(tmp_path: Path) -> None:

@@ -87,6 +87,33 @@ def test_rollback_restores_model_and_optimizer_bitwise(device: str) -> None:
     guard.close()
 
 
+def test_closure_step_is_repaired_with_the_closure_run_once() -> None:
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    guard = gg.Guard(m, opt, console=False, repair="auto")
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    calls = []
+
+    def closure(step: int) -> torch.Tensor:
+        calls.append(step)
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(m(x), y) * (float("nan") if step == 3 else 1.0)
+        loss.backward()
+        return loss
+
+    for step in range(6):
+        before = [p.detach().clone() for p in m.parameters()]
+        returned = opt.step(lambda s=step: closure(s)) if step % 2 else opt.step(closure=lambda s=step: closure(s))
+        after = list(m.parameters())
+        moved = any(not torch.equal(a, b) for a, b in zip(before, after))
+        assert moved == (step != 3), step  # the NaN step left every weight as it was; the others stepped
+        assert torch.is_tensor(returned) and (torch.isnan(returned) if step == 3 else torch.isfinite(returned))
+    assert calls == list(range(6))  # one forward/backward per step, positional or keyword closure
+    assert [(a.kind, a.step) for a in guard.actions] == [("skip_step", 3)]
+    guard.close()
+
+
 class Tied(nn.Module):
     """A toy language model whose output layer shares the embedding matrix."""
 

@@ -125,8 +125,10 @@ class GradGuardCallback(GuardResults, pl.Callback):
     - a LightningModule that overrides ``configure_gradient_clipping`` to clip regardless of
       ``gradient_clip_val`` still clips after gradguard.
 
-    ``repair="auto"`` is refused: Lightning steps the optimizer with a closure, and gradguard's repaired step
-    (skip, learning-rate backoff, rollback) cannot act inside one. ``clip=`` works.
+    ``repair="auto"`` works: Lightning steps the optimizer with a closure (training step, backward, this
+    callback's measurement, Lightning's clipping); the repaired step runs it first, then skips a non-finite step,
+    scales the learning rate or steps as usual, and rolls back at a statistics read. With 16-mixed precision the
+    GradScaler skips overflow steps itself (they are not counted). Not with LBFGS (many closure calls per step).
 
     One optimizer: ``trainer.optimizers`` must hold exactly one (Lightning's automatic optimization); with several
     (manual optimization, e.g. a GAN) fit start raises ValueError: attach one ``gradguard.Guard`` per optimizer in
@@ -144,24 +146,18 @@ class GradGuardCallback(GuardResults, pl.Callback):
 
     Args:
         log_layers: send one ``gradguard/grad_norm/<layer>`` metric per layer to the loggers.
-        **guard_kwargs: options of ``gradguard.Guard`` (``clip``, ``log_every``, ``sample_every``, ``console``
-            (default True; rank 0 only), ``log_dir``, ``thresholds``, ``sinks``, ...), except ``repair``.
+        **guard_kwargs: options of ``gradguard.Guard`` (``clip``, ``repair``, ``log_every``, ``sample_every``,
+            ``console`` (default True; rank 0 only), ``log_dir``, ``thresholds``, ``sinks``, ...).
 
     Raises:
-        ValueError: ``repair`` was asked for.
         TypeError: ``model`` or ``optimizer`` was passed (the callback finds them).
     """
 
     def __init__(self, log_layers: bool = True, **guard_kwargs: Any) -> None:
-        if guard_kwargs.get("repair"):
-            raise ValueError("GradGuardCallback does not support repair='auto': Lightning steps the optimizer with "
-                             "a closure, where gradguard's repaired step (skip, LR backoff, rollback) cannot act. "
-                             "Under Lightning only clip= is supported (e.g. GradGuardCallback(clip=1.0)).")
         for key in ("model", "optimizer"):
             if key in guard_kwargs:
                 raise TypeError(f"GradGuardCallback finds the {key} itself (the LightningModule and its optimizer); "
                                 f"do not pass {key}=")
-        guard_kwargs.pop("repair", None)
         self.log_layers = log_layers
         self.guard_kwargs = guard_kwargs
         self.guard: Guard | None = None
