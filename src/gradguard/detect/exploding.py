@@ -131,8 +131,12 @@ def detect_spike_damage(h: History, t: Thresholds) -> list[Verdict]:
     them: a mean loss above the running mean before the spike by more than ``spike_damage`` of the loss's early
     level (and by more than the batch-to-batch noise) means the step did damage, whatever its size.
 
-    Pascanu et al.'s cliff: one step of a recurrent network, on a batch whose own loss was low, with a gradient
-    35x its running mean, took the loss from 1.4 to 3.7 for good; gated on that batch's loss alone it went unseen.
+    Pascanu et al.'s cliff (experiments/pascanu2013_clipping.py, seed 1): one step of a recurrent network, on a
+    batch whose own loss was below its running mean, with a gradient 32x that mean, took the mean loss of the next
+    5 steps from 1.5 to 3.4, for good; judged by that batch's loss alone it went unseen.
+
+    Args:
+        h: the history (its ``spike_watch`` is consumed); t: thresholds (``spike_follow``, ``spike_damage``).
 
     Returns:
         Verdicts for the spikes decided now; spikes still waiting for later steps stay on watch.
