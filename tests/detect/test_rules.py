@@ -150,6 +150,13 @@ def test_a_converged_plateau_is_not_vanishing() -> None:
     fitted.sample_steps, fitted.weight, fitted.update = stuck.sample_steps, stuck.weight, stuck.update
     v2 = detect_vanishing(fitted, T)
     assert v2 is None or not v2.emit
+    # One exploding first step (loss 2375 among nine near 0.5) is not the early level: the median is. A plateau at
+    # 0.17 (34% of that median, far above 2%) is a stall, not convergence (the IRNN at T = 200, EXPERIMENTS.md F9).
+    first = np.array([1.08, 2375.5, 0.86, 0.53, 0.51, 0.17, 0.22, 0.23, 0.16, 0.14])
+    spiky_start = history(g, np.concatenate([first, np.full(190, 0.17)]))
+    spiky_start.sample_steps, spiky_start.weight, spiky_start.update = stuck.sample_steps, stuck.weight, stuck.update
+    v3 = detect_vanishing(spiky_start, T)
+    assert v3 is not None and v3.emit
 
 
 def spiky(early: float, late: float, spike: float, losses: np.ndarray) -> History:

@@ -277,7 +277,9 @@ def loss_stalled(h: History, t: Thresholds) -> tuple[bool, float | None]:
     """
     prog = h.progress(len(h.steps), t.window)
     if prog is not None and h.first_losses:
-        early = float(np.mean([v for _, v in h.first_losses]))
+        # the median, as for baseline_loss: one exploding first step (an IRNN's loss of 2375 at step 1 on the
+        # adding problem) must not make a plateau at the trivial loss look like 1% of the early level
+        early = float(np.median([v for _, v in h.first_losses]))
         window = slice(max(0, len(h.steps) - t.window), len(h.steps))
         seen = h.loss_seen[window] & np.isfinite(h.loss[window])
         if early > 0 and seen.any() and float(np.mean(h.loss[window][seen])) < t.learned * early:
