@@ -28,7 +28,7 @@ from torch.utils.hooks import RemovableHandle
 from . import __version__
 from .detect import modes as mode_rules
 from .detect.exploding import detect_exploding_step, detect_exploding_window, detect_spike_damage, step_candidates
-from .detect.history import History, Thresholds
+from .detect.history import History, Thresholds, clip_acted
 from .detect.nonfinite import detect_nonfinite
 from .detect.reporter import Reporter, Verdict
 from .detect.units import detect_units
@@ -80,13 +80,11 @@ def _closure_given(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
 def _evaluate_closure(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
     """Run the closure of ``optimizer.step(closure)`` now (forward and backward, under grad as ``step`` would) and
     return its result with the arguments rewritten to pass a closure that only returns that result."""
-    if kwargs.get("closure") is not None:
-        with torch.enable_grad():
-            result = kwargs["closure"]()
-        return result, args, {**kwargs, "closure": lambda: result}
-    i = next(i for i, a in enumerate(args) if callable(a))
+    i = -1 if kwargs.get("closure") is not None else next(i for i, a in enumerate(args) if callable(a))
     with torch.enable_grad():
-        result = args[i]()
+        result = (kwargs["closure"] if i < 0 else args[i])()
+    if i < 0:
+        return result, args, {**kwargs, "closure": lambda: result}
     return result, (*args[:i], lambda: result, *args[i + 1:]), kwargs
 
 
@@ -1041,7 +1039,7 @@ class Guard:
         if self.clip is not None:
             for r in range(len(rows)):
                 before, after = rows[r, TOTAL], rows[r, CLIPPED]
-                if np.isfinite(before) and after < before * (1 - 1e-6):
+                if clip_acted(before, after):
                     self._act(Action("clip", int(h.steps[len(h.steps) - n_rows + r]),
                                      {"method": self.clip.name, "norm": float(before), "clipped_norm": float(after)}))
         th = self.thresholds

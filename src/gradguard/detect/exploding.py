@@ -1,4 +1,7 @@
-"""``exploding``: gradients that spike, grow without bound, or move the weights far too much per step."""
+"""``exploding``: gradients that spike, grow without bound, or move the weights far too much per step.
+
+Everything here reads the host-side History (NumPy), at a statistics read: no device value is touched.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ import warnings
 import numpy as np
 
 from ..types import Diagnosis
-from .history import History, Thresholds, layer_flow, nanmedian, update_ratios
+from .history import History, Thresholds, clip_acted, layer_flow, nanmedian, update_ratios
 from .reporter import Verdict
 
 REMEDIES = [
@@ -92,8 +95,7 @@ def detect_exploding_step(h: History, row: int, t: Thresholds) -> Verdict | None
     learned = base_loss is not None and base_loss > 0 and float(h.loss_mean[row]) < t.learned * base_loss
     # With clip= the step this gradient fed was bounded by the clip the user chose for exactly such spikes: what
     # matters is whether the run was hurt anyway (EXPERIMENTS.md F8).
-    clipped = float(h.clipped[row])
-    bounded = bool(np.isfinite(clipped)) and clipped < total * (1 - 1e-6)
+    bounded = clip_acted(total, float(h.clipped[row]))
     if improving or routine or learned or bounded:
         h.spike_watch.append(step)
         return None
@@ -108,18 +110,18 @@ def _spike(h: History, row: int, layers: list[str], layer_growth: float,
     jump = (f"the total gradient norm jumped to {total:.4g}, {total / mean:.1f}x its running mean {mean:.4g} "
             f"(z-score {zscore:.1f})")
     ev = {"total_grad_norm": total, "running_mean": mean, "zscore": zscore, "max_layer_growth": layer_growth}
-    clipped = float(h.clipped[row])
-    clip_txt = ""
-    if np.isfinite(clipped) and clipped < total * (1 - 1e-6):
-        ev["clipped_norm"] = clipped
-        clip_txt = (f" The configured clip cut this step's gradient to {clipped:.4g}, and the loss rose all the same: "
-                    "lower the learning rate or look at the batches of these steps.")
-    if damage is None:
-        msg = f"Gradient spike: {jump}. One such step can undo many steps of progress.{clip_txt}"
+    if damage is None:  # reported for its size: no clip cut it (a cut spike is judged by its effect)
+        msg = f"Gradient spike: {jump}. One such step can undo many steps of progress."
         return Verdict(("exploding", "spike"), ("spike",), Diagnosis("exploding", "warning", step, layers, msg, ev,
                                                                      list(REMEDIES)))
     before, after, k = damage
     ev.update({"loss_before": before, "loss_after": after})
+    clipped = float(h.clipped[row])
+    clip_txt = ""
+    if clip_acted(total, clipped):
+        ev["clipped_norm"] = clipped
+        clip_txt = (f" The configured clip cut this step's gradient to {clipped:.4g}, and the loss rose all the same: "
+                    "lower the learning rate or look at the batches of these steps.")
     msg = (f"Gradient spike that undid progress: at step {step} {jump}, and over the next {k} steps the loss "
            f"averaged {after:.4g} against {before:.4g} before it.{clip_txt}")
     return Verdict(("exploding", "spike"), ("spike", "damage"), Diagnosis("exploding", "error", step, layers, msg,

@@ -268,6 +268,12 @@ class History:
         self.first_grads = [np.asarray(g, dtype=np.float64)[perm] for g in state["first_grads"]]
 
 
+def clip_acted(total: float, clipped: float) -> bool:
+    """Whether the configured clip cut a step's gradient: its norm after the clip is below the norm measured
+    (beyond float32 rounding). NaN (no clip, or a non-finite step) is never a cut."""
+    return bool(np.isfinite(total) and np.isfinite(clipped) and clipped < total * (1 - 1e-6))
+
+
 def loss_stalled(h: History, t: Thresholds) -> tuple[bool, float | None]:
     """Whether the loss stopped improving over the last ``t.window`` steps, and the relative improvement.
 

@@ -78,21 +78,19 @@ def detect_units(h: History, t: Thresholds) -> list[Verdict]:
         elif what == "saturated" and name != last_act:
             flat = np.array([v[0] for _, v in recent])
             slope = np.array([v[1] for _, v in recent])
+            frac = float(flat[-1])
+            ev = {"saturated_fraction": frac, "relative_slope": float(slope[-1]), "samples": float(n)}
             if flat.min() >= t.saturated_fraction:
-                frac = float(flat[-1])
                 msg = (f"{100 * frac:.0f}% of the outputs of {where} sit on the flat part of the curve, where its "
                        f"slope is under 1% of its peak (last {n} sampled batches). Gradients through it are squashed "
                        "toward zero, so the layers before it learn very slowly.")
-                ev = {"saturated_fraction": frac, "relative_slope": float(slope[-1]), "samples": float(n)}
             elif slope.max() < t.saturated_slope and stalled:
                 # Glorot & Bengio's top hidden layer: pushed toward 0 (mean outputs 0.01-0.04), few outputs in
                 # the extreme tail, yet its mean slope is a tenth of the peak, and the loss stalls meanwhile.
-                frac = float(flat[-1])
                 msg = (f"The outputs of {where} sit far from the steep middle of the curve: on average its slope is "
                        f"{100 * float(slope[-1]):.0f}% of its peak (last {n} sampled batches), while the loss has "
                        f"not improved over the last {t.window} steps. The layer passes on only that share of the "
                        "gradient, so the layers before it barely learn.")
-                ev = {"saturated_fraction": frac, "relative_slope": float(slope[-1]), "samples": float(n)}
             else:
                 continue
             out.append(Verdict(("saturation", *key), ("warning",), Diagnosis(
