@@ -2,7 +2,9 @@
 
 Interleaved rounds in one process: each round times every variant for a few steps, in a rotating order, so drift
 (thermal, other load) hits all variants alike. Reported: median per-step time over rounds, and its ratio to the
-plain step. Run: ``python benchmarks/overhead.py [--suite monitor|clip] [--rounds N] [--steps K] [--only mlp|gpt2]``.
+plain step. Run: ``python benchmarks/overhead.py [--suite monitor|clip|tiny] [--rounds N] [--steps K]
+[--only mlp|gpt2]`` (``--suite tiny``: the 1.6k-parameter MLP on one thread, each Guard mode beside
+``clip_grad_norm_``).
 """
 
 from __future__ import annotations
@@ -42,6 +44,19 @@ def mlp48() -> tuple[nn.Module, LossOf]:
     return nn.Sequential(*layers, nn.Linear(256, 10)), loss_of
 
 
+def tiny() -> tuple[nn.Module, LossOf]:
+    """Linear 16-32-32-1 with ReLU (1.6k parameters), batch 32, MSE: a step is mostly fixed per-step cost, as in
+    reinforcement learning, tutorials and tabular nets (``loss_of`` as for ``mlp48``)."""
+    x, y = torch.randn(32, 16), torch.randn(32, 1)
+
+    def loss_of(model: nn.Module) -> Callable[[], torch.Tensor]:
+        return lambda: nn.functional.mse_loss(model(x), y)
+
+    loss_of.forward = lambda model: model(x)  # type: ignore[attr-defined]
+    loss_of.batch = (x, y)  # type: ignore[attr-defined]
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 1)), loss_of
+
+
 def gpt2() -> tuple[nn.Module, LossOf]:
     """transformers' GPT-2 from a config (no download): 4 layers, width 256, 4 x 128 tokens (``loss_of`` as for
     ``mlp48``)."""
@@ -64,7 +79,8 @@ def variants(base: nn.Module, loss_of: LossOf, suite: str) -> dict[str, Callable
 
     def make(name: str, clip: str | None, guard_kw: dict | None, fused: bool = False) -> None:
         model = copy.deepcopy(base)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused or None)
+        adam = torch.optim.Adam if suite == "tiny" else torch.optim.AdamW  # the tiny model's issue measured Adam
+        opt = adam(model.parameters(), lr=1e-4, fused=fused or None)
         loss_fn = loss_of(model)
         guard = gg.Guard(model, opt, console=False, **guard_kw) if guard_kw is not None else None
         zc = None
@@ -87,7 +103,13 @@ def variants(base: nn.Module, loss_of: LossOf, suite: str) -> dict[str, Callable
 
         out[name] = step
 
-    if suite == "monitor":
+    if suite == "tiny":  # the fixed per-step cost: every Guard mode against clip_grad_norm_
+        make("plain", None, None)
+        make("plain + clip_grad_norm_", "norm", None)
+        make("plain + Guard (defaults)", None, {})
+        make("plain + Guard(clip=1.0)", None, {"clip": 1.0})
+        make("plain + Guard(repair='auto')", None, {"repair": "auto"})
+    elif suite == "monitor":
         make("plain", None, None)
         make("plain + clip_grad_norm_", "norm", None)
         make("plain + Guard (defaults)", None, {})
@@ -161,12 +183,16 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--only", choices=["mlp", "gpt2"])
+    ap.add_argument("--only", choices=["tiny", "mlp", "gpt2"])
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--suite", choices=["monitor", "clip"], default="monitor")
+    ap.add_argument("--suite", choices=["monitor", "clip", "tiny"], default="monitor")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, threads {args.threads}")
+    if args.suite == "tiny" or args.only == "tiny":  # one thread: the issue's setting, and the fixed cost shows
+        torch.set_num_threads(1)
+        bench("tiny", tiny, args.rounds, max(args.steps, 200), "tiny")
+        return
     if args.only in (None, "mlp"):
         bench("mlp", mlp48, args.rounds, args.steps, args.suite)
     if args.only in (None, "gpt2"):

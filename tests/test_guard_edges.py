@@ -126,7 +126,7 @@ def test_a_failing_replay_costs_the_location_not_the_diagnosis(monkeypatch) -> N
     def broken(*a, **k):
         raise RuntimeError("replay failed")
 
-    monkeypatch.setattr("gradguard.guard.locate", broken)
+    monkeypatch.setattr("gradguard.hooks.locate", broken)
     m = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 1))
     opt = torch.optim.SGD(m.parameters(), lr=0.01)
     guard = gg.Guard(m, opt, console=False)

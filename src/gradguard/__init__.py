@@ -10,6 +10,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from .detect.history import Thresholds  # noqa: E402
+from .doctor import Trial, doctor  # noqa: E402
 from .guard import Guard, GuardInternalWarning  # noqa: E402
 from .modes import ModeRow, ModeTable, inference, mode_table  # noqa: E402
 from .repair import (  # noqa: E402
@@ -23,7 +24,6 @@ from .repair import (  # noqa: E402
     reinit,
     swap_activations,
 )
-from .repair.doctor import Trial, doctor  # noqa: E402
 from .types import KINDS, Action, Diagnosis  # noqa: E402
 
 __all__ = ["AGC", "KINDS", "Action", "AutoClip", "ClipMethod", "Diagnosis", "GlobalNorm", "Guard",

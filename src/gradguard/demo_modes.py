@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from .demo import digits
+from .demo_data import digits
 from .guard import Guard
 from .modes import inference, mode_table
 

@@ -12,6 +12,7 @@ KINDS: tuple[str, ...] = (
     "nonfinite",
     "dead_units",
     "saturation",
+    "stalled",
     "train_mode_inference",
     "inference_mutates_state",
     "stochastic_inference",

@@ -289,7 +289,7 @@ def test_monte_carlo_dropout_by_hand_is_information_and_marked_sampling_is_silen
 
 
 def test_stochastic_eval_replays_once_not_per_forward(monkeypatch) -> None:
-    import gradguard.guard as guard_module
+    import gradguard.detect.mode_watcher as guard_module
 
     calls = []
     real = guard_module.locate_rng

@@ -69,6 +69,9 @@ def _to_host(obj: Any, reuse: Any = None, memo: dict[tuple[Any, ...], torch.Tens
     return copy.deepcopy(obj)
 
 
+EARLY_SEARCH = 4  # rollbacks to the state at attach, a decade lower each: down to 1e-4 of the rate set
+
+
 @dataclass
 class Snapshot:
     step: int
@@ -98,7 +101,11 @@ class Ladder:
         self.last_trouble = -(10**9)  # step of the last explosion or non-finite step
         self.last_backoff = -(10**9)
         self.last_restore = -(10**9)
-        self.snapshot: Snapshot | None = None
+        self.snapshot: Snapshot | None = None  # the newest trusted state (see healthy_for_snapshot)
+        self.initial: Snapshot | None = None  # the state at attach: a fault before any trusted snapshot rolls back here
+        self.best_level = float("inf")  # the lowest recent loss level at a trusted snapshot
+        self.streak = 0  # consecutive reads with an explosion: each lowers the rate more than the one before
+        self.early_rollbacks = 0  # rollbacks to the state at attach before any trusted snapshot (a rate search)
         self.rollbacks = 0
         self.last_rollback = -(10**9)
         self.gave_up = False
@@ -122,8 +129,8 @@ class Ladder:
 
     # ------------------------------------------------------------------ decisions at a statistics read
 
-    def decide(self, h: History, n_rows: int, exploding: bool, step: int, diverging: bool = False
-               ) -> list[Action | str]:
+    def decide(self, h: History, n_rows: int, exploding: bool, step: int, diverging: bool = False,
+               early: bool = False, damaged: bool = False) -> list[Action | str]:
         """What to do after the rows just read. Returns actions, and the string "rollback" when a rollback is due.
 
         Args:
@@ -132,17 +139,32 @@ class Ladder:
             step: steps taken so far.
             diverging: the explosion comes with a rising loss (the Guard's "growth" verdict): weights are being
                 damaged now, so a backoff alone is too slow.
+            early: the run diverged within its first steps: back to the state at attach.
+            damaged: units died or saturated right after an explosion: the explosion's damage, rolled back.
         """
         out: list[Action | str] = []
         new = slice(len(h.steps) - n_rows, len(h.steps))
         bad_rows = ~np.isfinite(h.total[new])
         if bad_rows.any():
             self.last_trouble = int(h.steps[new][bad_rows][-1])
+            # Skipped steps piling up are an explosion too: without a lower rate the run would skip forever.
+            exploding = True
+        if ((exploding or diverging or early) and self.snapshot is None and self.initial is not None
+                and self.early_rollbacks < EARLY_SEARCH and not self.gave_up):
+            # No trusted state yet: the run has been in trouble since attach. Back to the start, with a rate ten
+            # times lower each time (a learning rate 1000x too high is found in three), rather than backing off
+            # step by step while the weights are being thrown away.
+            self.last_trouble = step
+            out.append("rollback_initial")
+            return out
         if exploding:
             self.last_trouble = step
             if step - self.last_backoff >= max(10, n_rows):  # at most one backoff per read (and per 10 steps)
+                # An explosion that persists read after read lowers the rate faster each time (x0.5, x0.25,
+                # x0.125 ...): a learning rate 1000x too high is down to a working one in four reads, not ten.
+                self.streak = self.streak + 1 if step - self.last_backoff <= 2 * max(10, n_rows) else 1
                 old = self.lr_mult
-                self.lr_mult *= self.lr_backoff
+                self.lr_mult *= self.lr_backoff ** self.streak
                 self.last_backoff = step
                 out.append(Action("lr_backoff", step, {"lr_multiplier": self.lr_mult, "was": old,
                                                        "why": "sustained explosion"}))
@@ -154,10 +176,12 @@ class Ladder:
             at_snap = h.loss[(h.steps <= self.snapshot.step) & h.loss_seen & np.isfinite(h.loss)]
             if seen.any() and len(at_snap):
                 loss_blowup = float(np.mean(h.loss[recent][seen])) > 2.0 * float(np.mean(at_snap[-20:]))
-        if (nonfinite_recent >= 3 or loss_blowup or diverging) and self.snapshot is not None and not self.gave_up:
+        target = self.snapshot if self.snapshot is not None and not early else self.initial
+        if ((nonfinite_recent >= 3 or loss_blowup or diverging or early or damaged) and target is not None
+                and not self.gave_up):
             wait = 20 * 2 ** self.rollbacks  # every rollback makes the next one harder to trigger
             if step - self.last_rollback >= wait:
-                out.append("rollback")
+                out.append("rollback" if target is self.snapshot else "rollback_initial")
         if (self.lr_mult < self.ceiling and step - self.last_trouble >= self.restore_after
                 and step - self.last_restore >= self.restore_after):
             old = self.lr_mult
@@ -166,23 +190,48 @@ class Ladder:
             out.append(Action("lr_restore", step, {"lr_multiplier": self.lr_mult, "was": old}))
         return out
 
-    def healthy_for_snapshot(self, h: History, step: int) -> bool:
-        """A snapshot is taken of a run that has been quiet for a while, at most every ``snapshot_every`` steps."""
+    def healthy_for_snapshot(self, h: History, step: int, active: set[str] | frozenset[str] = frozenset()) -> bool:
+        """A snapshot is taken of a run that has been quiet for a while, at most every ``snapshot_every`` steps,
+        and only of a state worth returning to: its recent loss at or below the level at attach and within 10% of
+        the best level of an earlier snapshot, no exploding, non-finite or dead-units condition active. (A state
+        taken just after a spike, with most ReLU units dead, was the rollback target that doomed a rescue.)"""
         due = self.snapshot is None or step - self.snapshot.step >= self.snapshot_every
         window = slice(max(0, len(h.steps) - 50), len(h.steps))
-        return due and step - self.last_trouble >= 50 and bool(np.isfinite(h.total[window]).all())
+        if not (due and step - self.last_trouble >= 50 and bool(np.isfinite(h.total[window]).all())):
+            return False
+        if active & {"exploding", "nonfinite", "dead_units"}:
+            return False
+        recent = slice(max(0, len(h.steps) - 20), len(h.steps))
+        seen = h.loss_seen[recent] & np.isfinite(h.loss[recent])
+        if not seen.any() or not h.first_losses:
+            return True  # no loss to judge by: quiet gradients are all there is
+        level = float(np.mean(h.loss[recent][seen]))
+        early = float(np.median([v for _, v in h.first_losses]))
+        if level > early or level > 1.1 * self.best_level:
+            return False
+        self.best_level = min(self.best_level, level)
+        return True
 
     # ------------------------------------------------------------------ snapshots
 
-    def take_snapshot(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
-        old = self.snapshot
-        self.snapshot = Snapshot(step, _to_host(model.state_dict(), old.model if old else None),
-                                 _to_host(optimizer.state_dict(), old.optimizer if old else None), self.lr_mult)
+    def take_snapshot(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int,
+                      initial: bool = False) -> None:
+        """Copy model and optimizer state to host memory: the newest trusted snapshot, or (``initial``) the state
+        at attach. At most two copies are kept, so host memory holds up to twice the model and optimizer state."""
+        old = self.initial if initial else self.snapshot
+        snap = Snapshot(step, _to_host(model.state_dict(), old.model if old else None),
+                        _to_host(optimizer.state_dict(), old.optimizer if old else None), self.lr_mult)
+        if initial:
+            self.initial = snap
+        else:
+            self.snapshot = snap
 
-    def rollback(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> Action:
-        """Restore the last good snapshot (bitwise), lower the learning rate; give up after max_rollbacks."""
-        assert self.snapshot is not None
-        snap = self.snapshot
+    def rollback(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int,
+                 initial: bool = False) -> Action:
+        """Restore the newest trusted snapshot (or, ``initial``, the state at attach) bitwise, lower the learning
+        rate; give up after max_rollbacks."""
+        snap = self.initial if initial or self.snapshot is None else self.snapshot
+        assert snap is not None
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             torch.cuda.synchronize()  # the snapshot's copies into pinned memory are asynchronous (rare: rollbacks)
         model.load_state_dict(snap.model)
@@ -195,18 +244,25 @@ class Ladder:
             g.update(keep)
         self.rollbacks += 1
         self.last_rollback = step
-        self.lr_mult = min(snap.lr_mult, self.lr_mult) * self.lr_backoff ** 2
+        searching = snap is self.initial and self.snapshot is None and self.early_rollbacks < EARLY_SEARCH
+        if searching:  # the rate search from attach: a decade lower each time (see decide)
+            self.early_rollbacks += 1
+            self.lr_mult = min(snap.lr_mult, self.lr_mult) * 0.1
+        else:
+            self.lr_mult = min(snap.lr_mult, self.lr_mult) * self.lr_backoff ** 2
         self.ceiling = self.lr_mult
         self.last_trouble = step
         detail: dict[str, Any] = {"to_step": snap.step, "lr_multiplier": self.lr_mult, "rollbacks": self.rollbacks}
-        if self.rollbacks >= self.max_rollbacks:
+        if searching:
+            detail["why"] = "no trusted state since attach: back to the start with a 10x lower learning rate"
+        if self.rollbacks - self.early_rollbacks >= self.max_rollbacks:
             self.gave_up = True
             detail["stopped"] = (f"{self.rollbacks} rollbacks did not stabilise training: no further rollbacks. "
                                  "Lower the learning rate or fix the model before training on.")
         return Action("rollback", step, detail)
 
     def state_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in vars(self).items() if k != "snapshot"}
+        return {k: v for k, v in vars(self).items() if k not in ("snapshot", "initial")}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for k, v in state.items():

@@ -17,6 +17,8 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from .own_hooks import OwnHandle, forward_hook, forward_pre_hook
+
 # Activations whose output and gradient are exactly zero on the negative side, so a unit can die. LeakyReLU,
 # PReLU, ELU, GELU, SiLU and the like keep a gradient there: they cannot die, and are not watched for it.
 HARD_ZERO = (nn.ReLU, nn.ReLU6)
@@ -85,7 +87,7 @@ class ActivationSampler:
         self.act_modules: list[tuple[str, nn.Module]] = [(n, m) for n, m in named
                                                          if isinstance(m, HARD_ZERO + SATURATING)]
         self.rnn_modules: list[tuple[str, nn.RNNBase]] = [(n, m) for n, m in named if isinstance(m, nn.RNNBase)]
-        self.handles: list[RemovableHandle] = []
+        self.handles: list[OwnHandle] = []
         self.tensor_handles: list[RemovableHandle] = []  # gradient hooks on RNN inputs, removed in take()
         self.calls: dict[str, int] = {}  # calls of each module in the current forward (a module may be reused)
         #: filled while armed: (module, call index, "active"|"saturated", device tensor: per-unit mask |
@@ -103,9 +105,9 @@ class ActivationSampler:
         if self.handles:
             return
         for name, m in self.act_modules:
-            self.handles.append(m.register_forward_hook(self._act_hook(name)))
+            self.handles.append(forward_hook(m, self._act_hook(name)))
         for name, rnn in self.rnn_modules:
-            self.handles.append(rnn.register_forward_pre_hook(self._rnn_hook(name, rnn)))
+            self.handles.append(forward_pre_hook(rnn, self._rnn_hook(name, rnn)))
 
     def disarm(self) -> None:
         for h in self.handles:

@@ -75,11 +75,15 @@ class LayerNorms:
         sq, absent_mask = self.squares(tensors)
         return finish(sq, absent_mask)
 
-    def squares(self, tensors: Sequence[torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def squares(self, tensors: Sequence[torch.Tensor | None],
+                wide: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Per-layer sums of squares (this rank's share when distributed with shards) and the absent-layer mask.
 
         Args:
             tensors: as for ``__call__``; DTensors are read through their local shard.
+            wide: accumulate in float64 (squares returned in float64). A finite float32 entry above ~1.8e19 has a
+                square beyond float32: only this keeps such finite gradients finite. Slow on the CPU (about 10x
+                the float32 pass), so only a re-measurement of a step that read non-finite uses it.
 
         Returns:
             ``(squares, absent_mask)``: a float32 vector of length ``num_layers``, and a bool vector (or None when
@@ -87,23 +91,48 @@ class LayerNorms:
         """
         present = tuple(i for i, t in enumerate(tensors) if t is not None)
         per_group, absent_mask = self._plan(present)
-        sq = torch.zeros(self.layers.num_layers, dtype=torch.float32, device=self.device)
+        out = torch.float64 if wide else torch.float32
+        sq = torch.zeros(self.layers.num_layers, dtype=out, device=self.device)
         for pos, idx in per_group:
             # positions in the plan are present ones: never None
             group = (cast(list[torch.Tensor], [tensors[i] for i in pos]) if self._plain
                      else [_dense(local(tensors[i])) for i in pos])
             # One fused kernel per (device, dtype); at least fp32 accumulation, so bf16/fp16 gradients neither
             # overflow nor lose the small ones (float64 stays float64).
-            acc = torch.promote_types(group[0].dtype, torch.float32)
+            acc = torch.float64 if wide else _ACC.get(group[0].dtype) or torch.promote_types(group[0].dtype,
+                                                                                               torch.float32)
             try:
                 norms = torch._foreach_norm(group, 2, dtype=acc)
             except (NotImplementedError, RuntimeError):
                 # A sparse gradient (nn.Embedding(sparse=True)): the kernel has no sparse version; rare, so found
                 # by its error rather than checked on every tensor of every step.
                 norms = torch._foreach_norm([_dense(t) for t in group], 2, dtype=acc)
-            stacked = torch.stack(norms).to(self.device, torch.float32, non_blocking=True)
-            sq.index_add_(0, idx, stacked * stacked)
+            stacked = torch.stack(norms)
+            if stacked.device != self.device or stacked.dtype != out:  # host metadata: no sync
+                stacked = stacked.to(self.device, out, non_blocking=True)
+            sq.index_add_(0, idx, stacked.square_())  # in place: the stack is ours
         return sq, absent_mask
+
+    def with_total(self, tensors: Sequence[torch.Tensor | None],
+                   wide: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-layer norms and the global norm of ``tensors`` (what ``clip_grad_norm_`` measures), from one pass.
+
+        Args:
+            tensors: as for ``__call__``. wide: accumulate in float64 (see ``squares``); results are float32.
+
+        Returns:
+            ``(layer_norms, total)``: the total from the summed squares directly (two kernels fewer per step
+            than ``total_norm(layer_norms)``, which squares the roots again).
+        """
+        sq, absent_mask = self.squares(tensors, wide)
+        norms, total = finish(sq, absent_mask), sq.sum().sqrt()
+        return (norms.float(), total.float()) if wide else (norms, total)
+
+
+# Accumulation dtype per gradient dtype, looked up instead of calling torch.promote_types (an operator call)
+# every step: at least fp32.
+_ACC = {torch.float16: torch.float32, torch.bfloat16: torch.float32, torch.float32: torch.float32,
+        torch.float64: torch.float64}
 
 
 def finish(sq: torch.Tensor, absent_mask: torch.Tensor | None) -> torch.Tensor:

@@ -15,10 +15,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..detect.history import layer_flow
-from ..guard import Guard
-from ..types import Diagnosis
-from .structural import reinit, swap_activations
+from .detect.history import layer_flow
+from .guard import Guard
+from .repair.structural import reinit, swap_activations
+from .types import Diagnosis
 
 Remedy = Callable[[nn.Module], list[str]]
 Build = Callable[[], tuple[nn.Module, torch.optim.Optimizer]]

@@ -1,0 +1,150 @@
+"""Room 2 of the flow, the judge: host rows in, diagnoses out.
+
+It keeps the host-side ``History`` (running statistics, early baselines, samples), runs the detectors on each
+host read and deduplicates their verdicts through the ``Reporter``; mode verdicts from the mode watcher pass
+through the same reporter. It reads only host NumPy (the recorder's ``HostRead``) and touches nothing on the
+model or the optimizer. It may touch: ``detect`` and ``types``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from ..stats.layers import LayerMap
+from ..stats.recorder import CLIPPED, HEAD, LOSS, SCALER_INF, TOTAL, HostRead
+from ..stats.sentinel import Origin
+from ..types import Diagnosis
+from .early import detect_early_divergence
+from .exploding import detect_exploding_step, detect_exploding_window, detect_spike_damage, step_candidates
+from .history import History, Thresholds
+from .nonfinite import detect_nonfinite
+from .reporter import Reporter, Verdict
+from .stalled import detect_stalled
+from .units import detect_units
+from .vanishing import detect_vanishing
+
+
+class Judge:
+    """Turns host reads into verdicts and keeps the diagnoses.
+
+    Args:
+        layers: the tracked layers (read when the history starts: by then they are in forward order).
+        module_order: every module name of the model in registration order (to tell the output activation).
+        thresholds, ema_beta: detector thresholds and the running statistics' decay.
+        keep: steps of history kept on the host. cooldown: steps before a gone condition is reported again.
+    """
+
+    def __init__(self, layers: LayerMap, module_order: list[str], thresholds: Thresholds, ema_beta: float,
+                 keep: int, cooldown: int) -> None:
+        self.layers = layers
+        self.thresholds = thresholds
+        self.ema_beta = ema_beta
+        self.keep = keep
+        self._position = {n: i for i, n in enumerate(module_order)}
+        self.reporter = Reporter(cooldown)
+        self.diagnoses: list[Diagnosis] = []
+        self.history: History | None = None
+        self.pending_state: dict[str, Any] | None = None  # a loaded state waiting for the first read
+        self._acts_seen = 0
+
+    def offer(self, verdict: Verdict) -> Diagnosis | None:
+        """A verdict from any detector: a new Diagnosis to report, or None when it is not new."""
+        d = self.reporter.offer(verdict)
+        if d is not None:
+            self.diagnoses.append(d)
+        return d
+
+    def ingest(self, read: HostRead) -> tuple[History, np.ndarray]:
+        """Append a host read to the history.
+
+        Returns:
+            The history and the rows kept (steps GradScaler skipped itself are not this run's steps).
+        """
+        h = self.ensure_history()
+        # Steps GradScaler skipped itself (overflow in fp16) are not this run's steps: no row, as for a non-fused
+        # optimizer, whose step() the scaler does not even call.
+        keep = read.rows[:, SCALER_INF] == 0
+        rows = read.rows[keep]
+        # The post-clip total is kept whoever clipped: gradguard's clip, or the script's own clip_grad_norm_ (the
+        # recorder writes what it leaves); an unclipped step carries its own total there, which is no cut.
+        h.append(read.steps[keep], rows[:, TOTAL], rows[:, LOSS], read.loss_seen[keep], rows[:, HEAD:],
+                 rows[:, CLIPPED])
+        for step, w, u, after in read.samples:
+            h.sample_steps.append(step)
+            h.weight.append(w)
+            h.update.append(u)
+            h.after.append(after)
+        for step, name, call, what, value in read.acts:
+            # A unit mask is kept packed (1 bit a unit): the last 8 samples of every activation module.
+            h.add_act(step, name, call, what, value > 0 if what == "active" else
+                      tuple(float(v) for v in value))  # (flat fraction, relative slope)
+        h.times.extend(read.times)
+        if read.activation_order:
+            h.activation_order = read.activation_order
+            h.output_activation = self._output_activation(read.activation_order[-1])
+        return h, rows
+
+    def detect(self, h: History, n_rows: int, origins: dict[int, Origin | None]) -> list[Verdict]:
+        """Run the detectors on the ``n_rows`` newest rows (and the windows ending there).
+
+        Args:
+            origins: where the NaN/Inf of a step was born (from a replay), by step; entries used are removed.
+
+        Returns:
+            Every verdict found, in step order (not yet deduplicated).
+        """
+        th = self.thresholds
+        found: list[Verdict | None] = []
+        for r in step_candidates(h, range(len(h.steps) - n_rows, len(h.steps)), th):
+            found.append(detect_nonfinite(h, r, origins.pop(int(h.steps[r]), None)))
+            found.append(detect_exploding_step(h, r, th))
+        found.append(detect_early_divergence(h, range(len(h.steps) - n_rows, len(h.steps))))
+        found += detect_spike_damage(h, th)  # spikes of earlier rows, now that the loss after them is known
+        # Once NaN/Inf reached the statistics, every other rule reads garbage (a NaN output looks like a dead
+        # ReLU): window rules wait until the window is clean again.
+        if np.isfinite(h.total[-th.window:]).all():
+            found += [detect_exploding_window(h, th), detect_vanishing(h, th)]
+            if h.acts_version != self._acts_seen:  # unit verdicts change only when a new sample arrived
+                self._acts_seen = h.acts_version
+                found += detect_units(h, th)
+            # Last: a stall no other condition (active now, or found in this read) explains.
+            active = self.active_kinds(int(h.steps[-1])) | {v.key[0] for v in found if v is not None and v.emit}
+            found.append(detect_stalled(h, th, active))
+        return sorted((v for v in found if v is not None), key=lambda v: v.diagnosis.step)
+
+    def active_kinds(self, step: int) -> set[str]:
+        """Kinds with a condition seen within the reporter's cooldown before ``step``."""
+        return {key[0] for key, (_, seen) in self.reporter.active.items() if step - seen <= self.reporter.cooldown}
+
+    def _output_activation(self, last: str) -> str | None:
+        """``last`` (the last activation module called) if it produces the output: no layer with parameters is
+        registered after it (registration order; call order is not recorded between different module kinds)."""
+        pos = self._position
+        after = max((pos.get(n, -1) for n in self.layers.names), default=-1)
+        return last if pos.get(last, -1) > after else None
+
+    def ensure_history(self) -> History:
+        if self.history is None:
+            embedding = np.array([isinstance(m, (nn.Embedding, nn.EmbeddingBag)) for m in self.layers.modules])
+            self.history = History(list(self.layers.names), np.array(self.layers.numel, dtype=np.float64),
+                                   embedding, self.ema_beta, self.keep)
+            if self.pending_state is not None:
+                self.history.load_state_dict(self.pending_state)
+                self.pending_state = None
+        return self.history
+
+    def history_state(self) -> dict[str, Any]:
+        if self.history is not None:
+            return self.history.state_dict()
+        if self.pending_state is not None:
+            return self.pending_state
+        return History(list(self.layers.names), np.zeros(0), np.zeros(0), self.ema_beta).state_dict()
+
+    def load_history_state(self, state: dict[str, Any]) -> None:
+        if self.history is not None:
+            self.history.load_state_dict(state)
+        else:
+            self.pending_state = state

@@ -1,0 +1,163 @@
+"""Room 4 of the flow, the outputs: where diagnoses, actions and statistics records go.
+
+The console, the run directory (``meta.json``, ``events.jsonl``, ``stats.jsonl``) and the user's sinks. Only
+rank 0 writes; other ranks close the sinks they were given. It keeps the bounded log of actions. It may touch:
+files under ``log_dir``, the console stream, the sinks; nothing on the model or the optimizer.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import time
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+
+from ..detect.history import History, clip_acted
+from ..repair.log import ActionLog
+from ..stats.recorder import CLIPPED, HEAD, LOSS, TOTAL
+from ..types import Action, Diagnosis
+from .sinks import ConsoleSink, JsonlSink, Sink
+
+
+class SinkWarning(RuntimeWarning):
+    """A sink failed and was dropped; gradguard's monitoring and repair go on without it."""
+
+
+class Outputs:
+    """The sinks of one Guard.
+
+    Args:
+        rank: this process's rank (only rank 0 prints and writes).
+        console: True for stderr, a text stream, or False.
+        log_dir: the run directory, or None.
+        sinks: the user's sinks (``write(record)`` and ``close()``).
+        meta: the contents of ``meta.json`` (written at once when ``log_dir`` is given).
+    """
+
+    def __init__(self, rank: int, console: bool | TextIO, log_dir: str | Path | None, sinks: Iterable[Sink],
+                 meta: dict[str, Any]) -> None:
+        if rank != 0:
+            console, log_dir = False, None
+        self.actions = ActionLog()
+        self.sinks: list[Sink] = []
+        self.stats_sink: JsonlSink | None = None
+        self.idle: list[Sink] = []  # the user's sinks on ranks other than 0: closed, never written
+        for sink in sinks:
+            if not (callable(getattr(sink, "write", None)) and callable(getattr(sink, "close", None))):
+                raise TypeError(f"a sink needs write(record) and close() methods; got {type(sink).__name__}")
+        if console:
+            self.sinks.append(ConsoleSink(None if console is True else console))
+        self.log_dir = Path(log_dir) if log_dir is not None else None
+        if self.log_dir is not None:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            self.sinks.append(JsonlSink(self.log_dir / "events.jsonl"))
+            self.stats_sink = JsonlSink(self.log_dir / "stats.jsonl")
+            (self.log_dir / "meta.json").write_text(json.dumps(meta, indent=2))
+        self._own = len(self.sinks)  # console and events.jsonl take events only; the user's take stats too
+        for sink in sinks:
+            self.sinks.append(sink) if rank == 0 else self.idle.append(sink)
+
+    @property
+    def wants_stats(self) -> bool:
+        return self.stats_sink is not None or len(self.sinks) > self._own
+
+    def diagnosis(self, d: Diagnosis) -> None:
+        for sink in list(self.sinks):
+            self._write(sink, d.to_dict())
+
+    def act(self, action: Action) -> None:
+        self.actions.append(action)
+        for sink in list(self.sinks):
+            self._write(sink, action.to_dict())
+
+    def stats(self, h: History, rows: np.ndarray, script_max_norm: float | None = None) -> None:
+        """One statistics record for the rows of this read (``script_max_norm``: the script's own clip)."""
+        record = stats_record(h, rows, script_max_norm)
+        if self.stats_sink is not None:
+            self._write(self.stats_sink, record)
+        for sink in list(self.sinks[self._own:]):
+            self._write(sink, {"type": "stats", **record})
+
+    def _write(self, sink: Sink, record: dict[str, Any]) -> None:
+        """A failing sink (a full disk, a tracker that went away) costs its own records only: it is dropped with one
+        warning, and guarding and the other sinks go on."""
+        try:
+            sink.write(record)
+        except Exception as e:
+            if sink is self.stats_sink:
+                self.stats_sink = None
+            else:
+                index = self.sinks.index(sink)
+                del self.sinks[index]
+                if index < self._own:
+                    self._own -= 1
+            self.idle.append(sink)  # still closed at the end
+            warnings.warn(f"gradguard stopped writing to {type(sink).__name__} after it failed ({type(e).__name__}: "
+                          f"{e}); monitoring and repair go on", SinkWarning, stacklevel=2)
+
+    def close(self) -> None:
+        for s in self.sinks + self.idle + ([self.stats_sink] if self.stats_sink is not None else []):
+            try:
+                s.close()
+            except Exception as e:  # one sink failing to close must not keep the others open
+                warnings.warn(f"gradguard could not close {type(s).__name__} ({type(e).__name__}: {e})",
+                              SinkWarning, stacklevel=2)
+
+
+def stats_record(h: History, rows: np.ndarray, script_max_norm: float | None = None) -> dict[str, Any]:
+    """The fields of a ``stats.jsonl`` line for the newest ``rows`` (schema in ``gradguard.report.sinks``).
+
+    With the script's own ``clip_grad_norm_`` seen: ``script_clip_max_norm`` and ``script_clip_bound``, the steps
+    of these rows whose norm it cut."""
+    last = rows[-1]
+    names = h.layers
+
+    def per_layer(values: np.ndarray) -> dict[str, float | None]:
+        return {n: (None if v < 0 else float(v)) for n, v in zip(names, values)}
+
+    rec: dict[str, Any] = {
+        "step": int(h.steps[-1]),
+        "loss": float(last[LOSS]) if h.loss_seen[-1] else None,
+        "total_grad_norm": float(last[TOTAL]),
+        "total_grad_norm_max": float(np.max(rows[:, TOTAL])),
+        "grad_norm_mean": h.grad_ema.mean,
+        "grad_norm_std": math.sqrt(h.grad_ema.var),
+        "loss_mean": h.loss_ema.mean if h.loss_ema.count else None,
+        "loss_std": math.sqrt(h.loss_ema.var) if h.loss_ema.count else None,
+        "grad_norm": per_layer(last[HEAD:]),
+    }
+    if script_max_norm is not None:
+        rec["script_clip_max_norm"] = script_max_norm
+        rec["script_clip_bound"] = int(sum(clip_acted(float(r[TOTAL]), float(r[CLIPPED])) for r in rows))
+    if h.sample_steps:
+        w, u = h.weight[-1], h.update[-1]
+        rec["sample_step"] = int(h.sample_steps[-1])
+        rec["weight_norm"] = per_layer(w)
+        # None only when not measured (ABSENT) or undefined (zero weights); a NaN update stays NaN.
+        rec["update_ratio"] = {n: (None if uu < 0 or ww <= 0 else float(uu / ww))
+                               for n, ww, uu in zip(names, w, u)}
+    return rec
+
+
+def run_meta(version: str, model: str | None, optimizer: str | None, layers: list[tuple[str, int]],
+             options: dict[str, Any]) -> dict[str, Any]:
+    """The contents of ``meta.json`` (schema 1)."""
+    import torch  # the version only
+
+    return {
+        "schema": 1,
+        "gradguard": version,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "model": model,
+        "optimizer": optimizer,
+        "layers": [{"name": n, "numel": k} for n, k in layers],
+        "options": options,
+    }

@@ -1,0 +1,359 @@
+"""Room 1 of the flow, the step recorder: measures each step on the device and queues it for the host.
+
+It owns what is measured per optimizer step (per-layer gradient norms in one fused pass, the total norm, the
+observed loss, GradScaler's overflow flag), the costlier samples taken every ``sample_every`` steps (weight norms,
+update norms, activation and time-step statistics) and the one host read that moves them all to the host every
+``log_every`` steps (``read()``). Nothing here reads a device value in the per-step path, and nothing here judges:
+the rows go to ``detect.judge``. It may touch: ``stats`` (norms, layers, activations, distributed). It is told the
+clipped norm by the repairer (``commit``) but never imports it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .activations import ActivationSampler
+from .distributed import all_reduce_sum, is_sharded, local, world
+from .layers import LayerMap
+from .norms import LayerNorms, finish, total_norm
+
+# Columns of a step row: total gradient norm, loss, total norm after clipping, whether GradScaler found inf/NaN
+# (and so skips the step itself), then the per-layer gradient norms.
+TOTAL, LOSS, CLIPPED, SCALER_INF, HEAD = 0, 1, 2, 3, 4
+
+
+def stats_device(params: list[nn.Parameter]) -> torch.device:
+    """Where the statistics live: the first accelerator holding a parameter, else the CPU.
+
+    An accelerator is preferred so that per-group norms only ever move toward it (a non-blocking copy from an
+    accelerator into CPU memory could be read before it lands).
+    """
+    for p in params:
+        if p.device.type != "cpu":
+            return p.device
+    return torch.device("cpu")
+
+
+@dataclass
+class Measured:
+    """One step's measurement before its row is queued: the per-layer and total gradient norms and the loss."""
+
+    gnorm: torch.Tensor
+    total: torch.Tensor
+    loss: torch.Tensor
+    loss_seen: bool
+    scaler_inf: torch.Tensor | None
+    wnorm: torch.Tensor | None  # weight norms already reduced over ranks (sharded sample steps), else None
+
+
+@dataclass
+class HostRead:
+    """What one host read brought back, as NumPy: step rows and the samples queued since the previous read."""
+
+    steps: np.ndarray
+    rows: np.ndarray  # (n, HEAD + layers); columns TOTAL, LOSS, CLIPPED, SCALER_INF, then per-layer norms
+    loss_seen: np.ndarray
+    samples: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
+    acts: list[tuple[int, str, int, str, np.ndarray]] = field(default_factory=list)
+    times: list[tuple[int, str, float, float, int]] = field(default_factory=list)
+    activation_order: list[str] = field(default_factory=list)
+
+
+class StepRecorder:
+    """Measures steps on the device; ``read()`` brings everything queued to the host in one copy.
+
+    Args:
+        layers: the tracked parameters and their layers.
+        named: ``model.named_modules()`` of the inner model for activation sampling ([] for a compiled model).
+        sample_every: steps between weight/update/activation samples.
+        with_optimizer: an optimizer steps the weights (update ratios need a weight copy before its step).
+        compiled: the model is ``torch.compile``d: no activation sampling (submodule hooks would recompile it).
+    """
+
+    def __init__(self, layers: LayerMap, named: list[tuple[str, nn.Module]], sample_every: int,
+                 with_optimizer: bool, compiled: bool) -> None:
+        self.layers = layers
+        self.sample_every = sample_every
+        self.with_optimizer = with_optimizer
+        self.compiled = compiled
+        self.device = stats_device(layers.params)
+        self.rank, self.world = world()
+        self.sharded = self.world > 1 and any(is_sharded(p) for p in layers.params)
+        self.sampler = ActivationSampler([] if compiled else named)
+        self.step = 0  # optimizer steps taken since attach (or restored by load_state_dict)
+        self.last_total: torch.Tensor | None = None
+        self._zero = torch.zeros((), dtype=torch.float32, device=self.device)  # read-only: stacked into rows
+        self._loss_sum: torch.Tensor | None = None  # device sum of observed loss tensors this step
+        self._loss_host = 0.0  # sum of observed Python numbers (kept on the host: no copy to the device)
+        self._loss_n = 0
+        # Losses seen at backward (the roots a script called .backward() on); used when nothing was given to
+        # observe_loss this step: an explicit loss wins.
+        self._auto: list[torch.Tensor] = []
+        self.script_max_norm: float | None = None  # the max_norm of the script's own clip_grad_norm_, once seen
+        self._norms: LayerNorms | None = None
+        self._rows: list[torch.Tensor] = []
+        self._row_steps: list[int] = []
+        self._row_loss_seen: list[bool] = []
+        # (step, weight norms, update norms [+ weight norms after the step] or None)
+        self._samples: list[tuple[int, torch.Tensor, torch.Tensor | None]] = []
+        self._snapshot: tuple[int, torch.Tensor, list[torch.Tensor] | tuple[torch.Tensor, ...]] | None = None
+        self._acts: list[tuple[int, str, int, str, torch.Tensor]] = []
+        self._times: list[tuple[int, str, torch.Tensor, torch.Tensor, int]] = []
+        self._activation_order: list[str] = []
+        self._pending_update: tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
+
+    @property
+    def pending(self) -> int:
+        """Rows queued since the last host read."""
+        return len(self._rows)
+
+    def observe_loss(self, loss: torch.Tensor | float) -> None:
+        """Add one observed loss to this step's (averaged at the step); a tensor stays on the device."""
+        if isinstance(loss, torch.Tensor):
+            value = loss.detach()
+            # Shape, device and dtype are host metadata: convert only what differs (one kernel fewer per step).
+            if value.dim() != 0:
+                value = value.reshape(())
+            if value.device != self.device or value.dtype != torch.float32:
+                value = value.to(device=self.device, dtype=torch.float32, non_blocking=True)
+            self._loss_sum = value if self._loss_sum is None else self._loss_sum + value
+        else:
+            self._loss_host += float(loss)
+        self._loss_n += 1
+
+    def observe_backward_loss(self, loss: torch.Tensor) -> None:
+        """A loss seen as the root of a backward (detached, unscaled; device tensor, no sync)."""
+        if loss.dim() != 0:
+            loss = loss.reshape(())
+        if loss.device != self.device or loss.dtype != torch.float32:
+            loss = loss.to(device=self.device, dtype=torch.float32, non_blocking=True)
+        self._auto.append(loss)
+
+    def note_script_clip(self, max_norm: float) -> None:
+        """The script clips this step's gradients (already recorded) at ``max_norm``: the row's post-clip total
+        becomes what its clip leaves, ``min(total, max_norm)``, so the detectors know a clip bounded the step."""
+        self.script_max_norm = max_norm
+        if self._rows and self._row_steps[-1] == self.step:
+            self._rows[-1][CLIPPED].clamp_(max=max_norm)  # a view into the row: after any clip of gradguard's too
+
+    def drop_last_row(self) -> None:
+        """The last queued row belongs to a step that never came (a GradScaler skipped it): forget it."""
+        if self._rows and self._row_steps[-1] == self.step:
+            self._rows.pop()
+            self._row_steps.pop()
+            self._row_loss_seen.pop()
+
+    def norms(self) -> LayerNorms:
+        if self._norms is None:
+            self._norms = LayerNorms(self.layers, self.device, self.rank if self.sharded else None)
+        return self._norms
+
+    def reorder(self, order: list[str]) -> None:
+        """The forward order of the layers became known: report layers in that order."""
+        self.layers.reorder(order)
+        self._norms = None
+
+    def measure(self, optimizer: Any, found_inf: torch.Tensor | None = None) -> Measured:
+        """This step's gradient norms and loss, as device tensors (the per-step path: no host read)."""
+        if self._loss_n == 0 and self._auto:  # no explicit loss this step: the backward roots stand in
+            for value in self._auto:
+                self._loss_sum = value if self._loss_sum is None else self._loss_sum + value
+            self._loss_n = len(self._auto)
+        self._auto = []
+        sample = self.step % self.sample_every == 0
+        wnorm: torch.Tensor | None = None
+        if self.sharded:
+            gnorm, wnorm, loss_pair = self._reduced_norms(sample)
+        if not self.sharded:
+            gnorm, total = self._grad_norms(optimizer, wide=False)
+        else:
+            gnorm, total = self._unscaled(optimizer, gnorm, None)
+        scaler_inf = found_inf if found_inf is not None else getattr(optimizer, "found_inf", None)
+        self.last_total = total
+        seen = self._loss_n > 0
+        if self.sharded:
+            loss = loss_pair[0] / loss_pair[1].clamp_min(1.0)  # the mean over ranks of each rank's loss
+        elif self.world > 1:
+            pair = all_reduce_sum(self._local_loss_pair())  # DDP: the gradients agree already; the loss does not
+            loss = pair[0] / pair[1].clamp_min(1.0)
+        elif self._loss_n == 1 and self._loss_sum is not None:
+            loss = self._loss_sum  # one loss tensor this step (the common case): already a float32 scalar here
+        elif seen:
+            loss = torch.full((), self._loss_host, dtype=torch.float32, device=self.device)  # a fill, not a copy
+            if self._loss_sum is not None:
+                loss = loss + self._loss_sum
+            loss = loss / self._loss_n
+        else:
+            loss = self._zero
+        self._loss_sum, self._loss_host, self._loss_n = None, 0.0, 0
+        return Measured(gnorm, total, loss, seen, scaler_inf if isinstance(scaler_inf, torch.Tensor) else None, wnorm)
+
+    def _grad_norms(self, optimizer: Any, wide: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        gnorm, total = self.norms().with_total([p.grad for p in self.layers.params], wide)
+        return self._unscaled(optimizer, gnorm, total)
+
+    @staticmethod
+    def _unscaled(optimizer: Any, gnorm: torch.Tensor, total: torch.Tensor | None) -> tuple[torch.Tensor,
+                                                                                          torch.Tensor]:
+        scale = getattr(optimizer, "grad_scale", None)
+        if isinstance(scale, torch.Tensor):
+            # GradScaler lets a fused optimizer unscale inside its kernel: the .grad we read are still scaled.
+            gnorm = torch.where(gnorm >= 0, gnorm / scale.to(gnorm.device).float(), gnorm)
+            total = None
+        return gnorm, total if total is not None else total_norm(gnorm)
+
+    def remeasure_wide(self, m: Measured, optimizer: Any) -> Measured:
+        """The step read non-finite: measure its gradients again with float64 accumulation, so finite gradients
+        whose float32 squares overflow are measured as the (huge, finite) numbers they are. Off the common path:
+        called only after a host read found the total non-finite; never with sharded parameters."""
+        if self.sharded:
+            return m
+        gnorm, total = self._grad_norms(optimizer, wide=True)
+        self.last_total = total
+        return Measured(gnorm, total, m.loss, m.loss_seen, m.scaler_inf, m.wnorm)
+
+    def commit(self, m: Measured, clipped: torch.Tensor, snapshot: bool, may_read: bool = False) -> None:
+        """Queue the step's row (with the total norm after any clip) and take this step's samples.
+
+        ``may_read``: a host read per step is allowed (the statistics live on the CPU, or the user asked for a
+        per-step non-finite check): weight norms whose float32 squares overflow are then measured again."""
+        skipped_by_scaler = (m.scaler_inf.to(self.device).float().reshape(()) if m.scaler_inf is not None
+                             else self._zero)
+        self._rows.append(torch.cat([torch.stack([m.total, m.loss, clipped, skipped_by_scaler]), m.gnorm]))
+        self._row_steps.append(self.step)
+        self._row_loss_seen.append(m.loss_seen)
+        if self.sampler.armed or self.sampler.tensor_handles:
+            self.sampler.disarm()
+            acts, times, order = self.sampler.take()
+            self._acts += [(self.step, n, c, w, v) for n, c, w, v in acts]
+            self._times += [(self.step, n, e, late, t) for n, e, late, t in times]
+            if order:
+                self._activation_order = order
+        if self.step % self.sample_every == 0:
+            detached = [local(p.detach()) for p in self.layers.params]
+            wnorm = m.wnorm if m.wnorm is not None else self.norms()(detached)
+            # Where a read is allowed (free on the CPU), weights whose float32 squares overflow are measured in
+            # float64 (sample steps only); a weight norm is never reported infinite for finite weights there.
+            if may_read and not self.sharded and not bool(torch.isfinite(wnorm).all()):
+                wsq, absent = self.norms().squares(detached, wide=True)
+                wnorm = finish(wsq, absent).float()
+            if snapshot and self.with_optimizer:
+                # Transient copy of the weights on sample steps only, for ||w_after - w_before|| after the step.
+                self._snapshot = (self.step, wnorm, torch._foreach_mul(detached, 1.0))
+            else:
+                self._samples.append((self.step, wnorm, None))
+
+    def drop_snapshot(self) -> None:
+        """The step was skipped: no update to measure."""
+        self._snapshot = None
+
+    def after_step(self) -> None:
+        """After the optimizer applied a sampled step: measure the update from the weight copy taken before it."""
+        if self._snapshot is None:
+            return
+        step, wnorm, before = self._snapshot
+        self._snapshot = None
+        # in place: w_before - w_after (a DTensor's local shard: the snapshot holds shards)
+        torch._foreach_sub_(before, [local(p.detach()) for p in self.layers.params])
+        if self.sharded:  # summed over ranks in the next step's all-reduce (one per step)
+            self._pending_update = (step, wnorm, *self.norms().squares(before))
+        else:
+            # ||w_after|| too: with ||w_before|| and ||dw|| it gives the update's part across the weights, apart
+            # from the radial shrinking of weight decay (History.update_ratios, orthogonal=True).
+            after = self.norms()([local(p.detach()) for p in self.layers.params])
+            self._samples.append((step, wnorm, torch.cat([self.norms()(before), after])))
+
+    def end_step(self) -> None:
+        self.step += 1
+        if self.step % self.sample_every == 0 and not self.compiled:
+            self.sampler.arm()  # the next forward is a sampled one
+
+    def _local_loss_pair(self) -> torch.Tensor:
+        """``[mean loss this step, 1]`` on this rank, or ``[0, 0]`` when no loss was observed (a fill, no copy)."""
+        if self._loss_n == 0:
+            return torch.zeros(2, dtype=torch.float32, device=self.device)
+        loss = torch.full((), self._loss_host, dtype=torch.float32, device=self.device)
+        if self._loss_sum is not None:
+            loss = loss + self._loss_sum
+        return torch.stack([loss / self._loss_n, torch.ones((), device=self.device)])
+
+    def _reduced_norms(self, sample: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Sharded parameters: this step's one all-reduce. It carries the loss, the gradients' squared norms, on
+        sample steps the weights', and the update of the previous sample step (measured after that step).
+
+        Returns:
+            Per-layer gradient norms, weight norms (sample steps, else None), and ``[loss sum, ranks that saw it]``.
+        """
+        L = self.layers.num_layers
+        norms = self.norms()
+        gsq, gabsent = norms.squares([p.grad for p in self.layers.params])
+        parts = [self._local_loss_pair(), gsq]
+        if sample:
+            wsq, _ = norms.squares([p.detach() for p in self.layers.params])
+            parts.append(wsq)
+        pending, self._pending_update = self._pending_update, None
+        if pending is not None:
+            parts.append(pending[2])
+        vec = all_reduce_sum(torch.cat(parts))
+        off = 2 + L
+        wnorm = None
+        if sample:
+            wnorm = vec[off: off + L].sqrt()
+            off += L
+        if pending is not None:
+            self._samples.append((pending[0], pending[1], finish(vec[off: off + L], pending[3])))
+        return finish(vec[2: 2 + L], gabsent), wnorm, vec[:2]
+
+    def settle(self) -> None:
+        """At close: a sample whose update was never summed over ranks keeps its weight norms, update unknown."""
+        if self._pending_update is not None:
+            step, wnorm, _, _ = self._pending_update
+            self._pending_update = None
+            self._samples.append((step, wnorm, None))
+
+    def read(self) -> HostRead:
+        """Copy everything queued to the host in one transfer and split it up.
+
+        This is the one host read per ``log_every`` steps: a sync on an accelerator, by design off the per-step
+        path. Returns rows and samples in NumPy (float64).
+        """
+        n_rows, width = len(self._rows), len(self._rows[0])
+        L = self.layers.num_layers
+        pieces = [torch.stack(self._rows).reshape(-1)]
+        for _, w, u in self._samples:
+            # per sample: weight norms, update norms, weight norms after the step (-1: unknown)
+            missing = torch.full_like(w, -1.0)
+            pieces += [w, u if u is not None else missing] + ([missing] if u is None or u.numel() == L else [])
+        pieces += [v.reshape(-1).to(self.device, torch.float32) for *_, v in self._acts]
+        pieces += [torch.stack([e, late]).to(self.device, torch.float32) for _, _, e, late, _ in self._times]
+        flat = torch.cat(pieces).cpu().numpy().astype(np.float64)  # the one sync of this read (see above)
+
+        out = HostRead(np.array(self._row_steps, dtype=np.int64), flat[: n_rows * width].reshape(n_rows, width),
+                       np.array(self._row_loss_seen, dtype=bool), activation_order=self._activation_order)
+        off = n_rows * width
+        for step, _, _ in self._samples:
+            # Copies: a view would keep this whole read buffer (rows and activation values) alive for as long as
+            # the History keeps the sample (64 samples: 6 MiB on a 48-layer MLP, BENCHMARKS.md "Memory").
+            out.samples.append((step, flat[off: off + L].copy(), flat[off + L: off + 2 * L].copy(),
+                                flat[off + 2 * L: off + 3 * L].copy()))
+            off += 3 * L
+        for step, name, call, what, value in self._acts:
+            k = value.numel()  # shape is host metadata: no sync
+            out.acts.append((step, name, call, what, flat[off: off + k].copy()))
+            off += k
+        for step, name, _, _, steps_t in self._times:
+            out.times.append((step, name, float(flat[off]), float(flat[off + 1]), steps_t))
+            off += 2
+        self._rows, self._row_steps, self._row_loss_seen = [], [], []
+        self._samples, self._acts, self._times = [], [], []
+        return out
+
+    def close(self) -> None:
+        self.sampler.close()
+        self._snapshot = None
+

@@ -1,0 +1,94 @@
+"""Early divergence (the loss thrown up within the first steps) and ``stalled`` (no learning, nothing else wrong).
+
+Oracles: the losses the training loop itself computed (the early rule must fire exactly when the loss first
+stands 10x above its first value, or the norm 1000x) and runs whose outcome is known by construction (labels
+with no signal cannot be learned; a healthy digits run learns). Several seeds each: a property, not a trajectory.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import gradguard as gg
+from gradguard.demo import digits, mlp
+from gradguard.detect.early import EARLY_STEPS, GRAD_RISE, LOSS_RISE
+
+
+def train_digits(lr: float, act: type[nn.Module], seed: int, steps: int):
+    torch.manual_seed(seed)
+    xtr, ytr, _, _ = digits(0)
+    m = mlp(3, 64, act)
+    opt = torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9)
+    guard = gg.Guard(m, opt, console=False)
+    gen = torch.Generator().manual_seed(seed)
+    losses, norms = [], []
+    for _ in range(steps):
+        idx = torch.randint(0, len(xtr), (64,), generator=gen)
+        loss = nn.functional.cross_entropy(m(xtr[idx]), ytr[idx])
+        losses.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        norms.append(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in m.parameters()])).item())
+        opt.step()
+    found = guard.diagnoses
+    guard.close()
+    return found, losses, norms
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_learning_rate_far_too_high_is_reported_within_the_first_steps(seed: int) -> None:
+    found, losses, norms = train_digits(30.0, nn.Tanh, seed, 12)
+    # The oracle: the first step where the loop's own loss is LOSS_RISE x its first, or its norm GRAD_RISE x.
+    expect = next(s for s in range(EARLY_STEPS)
+                  if losses[s] >= LOSS_RISE * losses[0] or (norms[s] >= GRAD_RISE * norms[0] and losses[s] >= losses[0]))
+    early = [d for d in found if d.kind == "exploding" and "first steps" in d.message]
+    assert len(early) == 1 and early[0].step == expect
+    assert early[0].evidence["loss"] == pytest.approx(losses[expect], rel=1e-5)
+    assert early[0].evidence["first_loss"] == pytest.approx(losses[0], rel=1e-5)
+    assert early[0].severity == "error" and early[0].layers
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_healthy_run_raises_nothing_early_or_stalled(seed: int) -> None:
+    found, losses, _ = train_digits(0.05, nn.ReLU, seed, 250)
+    assert losses[-1] < 0.2 * losses[0]  # it did learn
+    assert found == []
+
+
+def train_random_labels(seed: int, steps: int = 300):
+    torch.manual_seed(seed)
+    m = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 10))
+    x, y = torch.randn(20000, 20), torch.randint(0, 10, (20000,))  # no signal in the labels: nothing to learn
+    opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
+    guard = gg.Guard(m, opt, console=False)
+    gen = torch.Generator().manual_seed(seed)
+    losses = []
+    for _ in range(steps):
+        idx = torch.randint(0, 20000, (128,), generator=gen)
+        loss = nn.functional.cross_entropy(m(x[idx]), y[idx])
+        losses.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    found = guard.diagnoses
+    guard.close()
+    return found, losses
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_run_that_cannot_learn_is_stalled_and_says_what_was_ruled_out(seed: int) -> None:
+    found, losses = train_random_labels(seed)
+    assert [d.kind for d in found] == ["stalled"]
+    d = found[0]
+    assert d.step == 99  # the first full window of evidence
+    window = np.array(losses[:100])
+    assert d.evidence["loss_mean"] == pytest.approx(window.mean(), rel=1e-5)
+    assert d.evidence["loss_mean"] > 0.5 * np.log(10)  # near chance: ln(10) for 10 classes
+    assert "Ruled out:" in d.message and "plateau" in d.message
+
+
+def test_stalled_is_a_kind() -> None:
+    assert "stalled" in gg.KINDS
