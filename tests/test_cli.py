@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gradguard.cli import main
+from gradguard.cli import _split_run_argv, main
 
 
 @pytest.fixture(scope="module")
@@ -64,3 +64,42 @@ def test_version_and_usage(capsys) -> None:
     except SystemExit as e:
         assert e.code == 0
     assert "gradguard 0.1.0" in capsys.readouterr().out
+
+
+def test_run_without_a_script_says_what_to_do(capsys) -> None:
+    for argv in (["run"], ["run", "--out", "somewhere", "--repair"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2
+        assert "usage: gradguard run [-h] [--out DIR] [--log-every N] [--repair] SCRIPT [ARGS...]" in err
+        assert "no script given" in err and "required" not in err
+
+
+def test_run_on_a_directory_or_a_missing_script(tmp_path: Path, capsys) -> None:
+    (tmp_path / "proj").mkdir()
+    (tmp_path / "proj" / "train.py").write_text("")
+    assert main(["run", "--out", str(tmp_path / "r"), str(tmp_path / "proj")]) == 2
+    err = capsys.readouterr().err
+    assert "is a directory, not a script, and has no __main__.py" in err and "proj/train.py" in err
+    assert main(["run", "--out", str(tmp_path / "r"), str(tmp_path / "nope.py")]) == 2
+    assert "no such script" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()  # nothing was run, so no run directory either
+
+
+def test_run_rejects_a_log_every_below_one(capsys) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["run", "--log-every", "0", "train.py"])
+    assert e.value.code == 2 and "must be at least 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("argv", "own", "script_args"), [
+    (["run", "t.py", "--out", "x", "-h"], ["run", "t.py"], ["--out", "x", "-h"]),
+    (["run", "--out", "o", "--repair", "t.py", "--", "a"], ["run", "--out", "o", "--repair", "t.py"], ["--", "a"]),
+    (["run", "--out=o", "--log-every", "5", "t.py"], ["run", "--out=o", "--log-every", "5", "t.py"], []),
+    (["run", "--", "-t.py", "-x"], ["run", "--", "-t.py"], ["-x"]),
+    (["run", "--out", "o"], ["run", "--out", "o"], []),
+])
+def test_the_scripts_arguments_are_passed_on_verbatim(argv: list[str], own: list[str], script_args: list[str]) -> None:
+    # The oracle: python puts every word after the script name, '--' included, into the script's sys.argv[1:].
+    assert _split_run_argv(argv) == (own, script_args)

@@ -262,6 +262,15 @@ class Guard:
         """
         self._wiring.training_forward_started()
 
+    def adopt_backward(self, root: torch.Tensor | None) -> None:
+        """Count a backward that has just run, before this Guard was attached, as if it had watched it (its loss,
+        and without an optimizer its step). For runners that attach inside a backward (``gradguard run``).
+
+        Args:
+            root: the tensor ``.backward()`` was called on, or None.
+        """
+        self._wiring.listener.adopt(root)
+
     def close(self) -> None:
         """Read pending statistics, remove every hook, flush and close the sinks. Safe to call twice."""
         if not self._wiring.closed:

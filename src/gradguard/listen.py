@@ -79,6 +79,11 @@ class ScriptListener:
         except Exception as e:  # never crash the user's training step
             w.internal_failure(e)
 
+    def adopt(self, root: torch.Tensor | None) -> None:
+        """Count a backward that ran before this Guard listened (``gradguard run`` attaches inside it)."""
+        probe = [(-1, -2)] * len(self.probes)  # never a real key: the backward counts as reaching the model
+        self.backward_done(root, probe)
+
     def end_open_step(self) -> None:
         """End the step recorded at the last backward (no optimizer)."""
         if self.open:

@@ -68,8 +68,9 @@ def test_report_is_self_contained_with_every_plot(tmp_path) -> None:
     out = write_report(make_run(tmp_path / "run"))
     page = Collect()
     page.feed(out.read_text())
-    assert page.h2 == ["Diagnoses and actions", "Total gradient norm", "Loss", "Gradient flow per layer",
-                       "Gradient norms, steps x layers", "Update-to-weight ratio"]
+    assert page.h2[0].startswith("Problems found: vanishing (first at step ")  # the verdict comes first
+    assert page.h2[1:] == ["Diagnoses", "Gradient norm", "Loss", "Gradient flow per layer",
+                           "Gradient norms, steps x layers", "Update-to-weight ratio"]
     assert len(page.imgs) == 5 and page.scripts == 0 and page.external == []  # opens offline
     for src in page.imgs:
         assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
@@ -78,7 +79,7 @@ def test_report_is_self_contained_with_every_plot(tmp_path) -> None:
 
 
 def test_bad_run_directories_are_refused(tmp_path) -> None:
-    with pytest.raises(ReportError, match="not a directory"):
+    with pytest.raises(ReportError, match="missing does not exist"):
         load_run(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ReportError, match="no meta.json"):
@@ -97,7 +98,10 @@ def test_a_killed_run_with_a_partial_last_line_still_reports(tmp_path) -> None:
     run = make_run(tmp_path / "run")
     with open(run / "stats.jsonl", "a") as f:
         f.write('{"step": 150, "loss')  # the process died mid-line
-    assert len(load_run(run).stats) == 15
+    killed = load_run(run)
+    assert len(killed.stats) == 15
+    assert [str(n) for n in killed.notes] == [
+        "stats.jsonl line 16: cut off (the process was stopped while writing it); skipped"]
 
 
 def _chromium() -> str | None:

@@ -1,275 +1,222 @@
 """``gradguard report RUN_DIR``: one self-contained HTML file (plots inlined as PNG, no script, no network) that
-a person reads at a glance: total norm and loss over time with diagnosis and action markers, gradient flow per
-layer, a steps x layers heatmap of gradient norms, update-to-weight ratios, and the diagnoses with their evidence.
+a person reads at a glance: a verdict that says what was judged and what could not be, the diagnoses with their
+evidence, what repair did (as stretches of steps, in words), and plots of the gradient norm (before clipping, with
+the clip threshold), the loss, gradient flow per layer, a steps x layers heatmap and update-to-weight ratios.
 
 Reads run directories written by ``gradguard run`` and by ``Guard(log_dir=...)`` (schema in
-``gradguard.report.sinks``). Needs matplotlib (``pip install 'gradguard[report]'``), imported only here.
+``gradguard.report.sinks``) in any state: lines that cannot be used are skipped and listed in the report
+(``gradguard.report.load``). Every value from the files is HTML-escaped where it is written into the page: the
+files are input, and a layer name, a message or a hand-edited step can hold markup.
+Plots need matplotlib (``pip install 'gradguard[report]'``), imported only when drawing.
 """
 
 from __future__ import annotations
 
-import base64
 import html
-import io
-import json
-import math
-from dataclasses import dataclass, field
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
-SCHEMA = 1
-SEVERITY_COLOUR = {"error": "#c0392b", "warning": "#d68910", "info": "#2874a6"}
+from .load import SCHEMA, Note, ReportError, Run, clip_threshold, load_run
+from .plots import figures
+from .plotting import ROOT, SEVERITY_COLOUR
+from .records import plural
+from .words import action_counts, as_text, describe, fmt, stretches, verdict
 
+__all__ = ["SCHEMA", "Note", "ReportError", "Run", "figures", "load_run", "render", "report_command", "summary",
+           "write_report"]
 
-class ReportError(Exception):
-    """The run directory cannot be reported on (missing, not a run, other schema): the message says why."""
-
-
-@dataclass
-class Run:
-    """What a run directory holds."""
-
-    path: Path
-    meta: dict[str, Any]
-    stats: list[dict[str, Any]] = field(default_factory=list)
-    events: list[dict[str, Any]] = field(default_factory=list)
-
-    @property
-    def layers(self) -> list[str]:
-        return [lay["name"] for lay in self.meta.get("layers", [])]
-
-    @property
-    def diagnoses(self) -> list[dict[str, Any]]:
-        return [e for e in self.events if e.get("type") == "diagnosis"]
-
-    @property
-    def actions(self) -> list[dict[str, Any]]:
-        return [e for e in self.events if e.get("type") == "action"]
+MAX_NOTES_SHOWN = 50  # in the page; a file of garbage should not bury the report under its notes
+MAX_NOTES_PRINTED = 5  # on the console
+MAX_LAYERS_SHOWN = 6
 
 
-def _num(x: Any) -> float:
-    """JSON numbers, and the strings "nan"/"inf"/"-inf" the sinks write for non-finite values."""
-    if x is None:
-        return math.nan
-    if isinstance(x, str):
-        return float(x)
-    return float(x)
+def esc(x: Any) -> str:
+    """Any value as escaped HTML text (strings as they are, numbers and the rest as text)."""
+    return html.escape(x if isinstance(x, str) else str(x), quote=True)
 
 
-def _jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    out = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            # A process killed mid-write leaves at most a partial last line: keep everything before it.
-            if i == len(path.read_text(encoding="utf-8").splitlines()):
-                break
-            raise ReportError(f"{path} line {i} is not JSON") from None
-    return out
+# ---------------------------------------------------------------------------------------------------- page
 
 
-def load_run(run_dir: str | Path) -> Run:
-    """Read a run directory.
-
-    Raises:
-        ReportError: not a directory, no meta.json, or a schema this version cannot read.
-    """
-    path = Path(run_dir)
-    if not path.is_dir():
-        raise ReportError(f"{path} is not a directory")
-    meta_path = path / "meta.json"
-    if not meta_path.is_file():
-        subs = sorted(p.parent.name for p in path.glob("*/meta.json"))
-        hint = f" (it holds runs: {', '.join(subs)})" if subs else ""
-        raise ReportError(f"{path} is not a gradguard run directory: it has no meta.json{hint}")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ReportError(f"{meta_path} is not valid JSON: {e}") from e
-    if meta.get("schema") != SCHEMA:
-        raise ReportError(f"{path} was written with log schema {meta.get('schema')!r}; this gradguard reads schema "
-                          f"{SCHEMA}. Use the gradguard version that wrote it.")
-    return Run(path, meta, _jsonl(path / "stats.jsonl"), _jsonl(path / "events.jsonl"))
+def _layers_text(layers: list[str]) -> str:
+    shown = [n or ROOT for n in layers[:MAX_LAYERS_SHOWN]]
+    more = len(layers) - MAX_LAYERS_SHOWN
+    return ", ".join(shown) + (f" and {more} more" if more > 0 else "")
 
 
-def _png(fig: Any) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def _markers(ax: Any, run: Run) -> None:
-    for d in run.diagnoses:
-        ax.axvline(d["step"], color=SEVERITY_COLOUR.get(d["severity"], "grey"), lw=1, alpha=0.7)
-    for a in run.actions:
-        ax.axvline(a["step"], color="#7d3c98", lw=0.8, ls=":", alpha=0.8)
+def _diagnosis_rows(run: Run) -> str:
+    rows = []
+    for d in sorted(run.diagnoses, key=lambda d: d["step"]):
+        ev = ", ".join(f"{fmt(k)} = {fmt(v)}" for k, v in d["evidence"].items())
+        fixes = "".join(f"<li>{esc(r)}</li>" for r in d["remedies"])
+        sev = d["severity"] if d["severity"] in SEVERITY_COLOUR else "unknown"
+        rows.append(f"<tr><td class=short>{esc(d['step'])}</td><td class='short {sev}'>{esc(d['severity'])}</td>"
+                    f"<td class=short>{esc(d['kind'])}</td><td class=layers>{esc(_layers_text(d['layers']))}</td>"
+                    f"<td>{esc(d['message'])}" + (f"<br><small>evidence: {esc(ev)}</small>" if ev else "")
+                    + f"</td><td class=fix>{f'<ol>{fixes}</ol>' if fixes else ''}</td></tr>")
+    return ("<table><tr><th>step</th><th>severity</th><th>kind</th><th>layers</th><th>what happened</th>"
+            "<th>what to do</th></tr>" + "".join(rows) + "</table>")
 
 
-def figures(run: Run) -> dict[str, str]:
-    """The report's plots as base64 PNGs, keyed by section."""
-    try:
-        import matplotlib
+def _actions_section(run: Run) -> str:
+    if not run.actions:
+        return ""
+    items = "".join(f"<li>{esc(describe(kind, acts))}</li>" for kind, acts in stretches(run.actions))
+    return (f"<section><h2>What gradguard did</h2><p>{esc(action_counts(run.actions))}.</p>"
+            f"<ul class=actions>{items}</ul></section>")
 
-        matplotlib.use("Agg")  # no display: files only
-        import matplotlib.pyplot as plt
-        import numpy as np
-    except ImportError as e:
-        raise ReportError("the HTML report draws its plots with matplotlib: pip install 'gradguard[report]'") from e
 
-    figs: dict[str, str] = {}
-    steps = [s["step"] for s in run.stats]
-    layers = run.layers
-    if not run.stats:
-        return figs
+def _notes_section(notes: list[Note]) -> str:
+    if not notes:
+        return ""
+    items = "".join(f"<li>{esc(n)}</li>" for n in notes[:MAX_NOTES_SHOWN])
+    more = len(notes) - MAX_NOTES_SHOWN
+    if more > 0:
+        items += f"<li>and {more:,} more</li>"
+    return (f"<section><h2>Problems reading this run directory</h2><p class=note>{plural(len(notes), 'thing')} in "
+            f"the files could not be used as written; the report shows everything else.</p><ul>{items}</ul></section>")
 
-    total = [_num(s.get("total_grad_norm")) for s in run.stats]
-    peak = [_num(s.get("total_grad_norm_max", s.get("total_grad_norm"))) for s in run.stats]
-    fig, ax = plt.subplots(figsize=(9, 3))
-    ax.plot(steps, peak, color="#aab7b8", lw=1, label="max since previous line")
-    ax.plot(steps, total, color="#1f618d", lw=1.5, label="total gradient norm")
-    ax.set_yscale("log")
-    ax.set_xlabel("optimizer step")
-    _markers(ax, run)
-    ax.legend(loc="upper left", fontsize=8)
-    figs["norm"] = _png(fig)
 
-    loss = [_num(s.get("loss")) for s in run.stats]
-    if any(math.isfinite(v) for v in loss):
-        fig, ax = plt.subplots(figsize=(9, 2.6))
-        ax.plot(steps, loss, color="#117a65")
-        finite = [v for v in loss if math.isfinite(v)]
-        if finite and min(finite) > 0 and max(finite) / min(finite) > 1e3:
-            ax.set_yscale("log")  # a divergence would flatten everything else to a line
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("loss")
-        _markers(ax, run)
-        figs["loss"] = _png(fig)
+FIGURES = (
+    ("norm", "Gradient norm", "The L2 norm of all gradients together at each logged step, as gradguard measured "
+     "it (before gradguard's own clipping; the dashed line is its threshold when it clipped). Vertical lines: "
+     "diagnoses, coloured by severity; grey bands: steps gradguard skipped; dotted: learning-rate changes and "
+     "rollbacks; red \u25bc on the top edge: NaN or Inf."),
+    ("loss", "Loss", "As passed to guard.observe_loss (absent when the loss was not observed); red \u25bc on the "
+     "top edge: NaN or Inf."),
+    ("flow", "Gradient flow per layer", "Each layer's gradient norm (first layer at the top) at a few steps, one "
+     "colour per step. Norms that shrink toward the top are vanishing gradients; norms that grow, exploding."),
+    ("heatmap", "Gradient norms, steps x layers", "log10 of each layer's gradient norm at every logged step. Grey "
+     "cells: the layer had no gradient (unused at that step, or exactly zero); red cells: NaN or Inf."),
+    ("update", "Update-to-weight ratio", "How much one optimizer step changes a layer's weights, relative to their "
+     "size (||w_after - w_before|| / ||w||) at sampled steps. Near 1e-3 is typical; far below, the layer barely "
+     "learns; far above, it is unstable. The layers farthest from 1e-3 are drawn in colour and named."),
+)
 
-    grid = np.array([[_num(s["grad_norm"].get(n)) for n in layers] for s in run.stats], dtype=float)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        logg = np.log10(np.where(grid > 0, grid, np.nan))
-    picks = sorted({0, len(steps) // 2, len(steps) - 1})
-    fig, ax = plt.subplots(figsize=(9, max(2.5, 0.18 * len(layers) + 1)))
-    width = 0.8 / len(picks)
-    pos = np.arange(len(layers))
-    for k, i in enumerate(picks):
-        ax.barh(pos + k * width, np.nan_to_num(grid[i], nan=0.0), height=width, label=f"step {steps[i]}")
-    ax.set_xscale("log")
-    ax.set_yticks(pos + width * (len(picks) - 1) / 2, [n or "(root)" for n in layers], fontsize=7)
-    ax.invert_yaxis()  # input at the top, output at the bottom
-    ax.set_xlabel("gradient L2 norm (log scale)")
-    ax.legend(fontsize=8)
-    figs["flow"] = _png(fig)
-
-    fig, ax = plt.subplots(figsize=(9, max(2.5, 0.18 * len(layers) + 1)))
-    im = ax.imshow(logg.T, aspect="auto", cmap="viridis", interpolation="nearest",
-                   extent=(steps[0], steps[-1], len(layers) - 0.5, -0.5))
-    ax.set_yticks(range(len(layers)), [n or "(root)" for n in layers], fontsize=7)
-    ax.set_xlabel("optimizer step")
-    fig.colorbar(im, ax=ax, label="log10 gradient norm")
-    figs["heatmap"] = _png(fig)
-
-    sampled = [s for s in run.stats if s.get("update_ratio")]
-    if sampled:
-        fig, ax = plt.subplots(figsize=(9, 3))
-        xs = [s["sample_step"] for s in sampled]
-        for n in layers:
-            ys = [_num(s["update_ratio"].get(n)) for s in sampled]
-            ax.plot(xs, ys, lw=1, alpha=0.8)
-        ax.axhline(1e-3, color="black", ls="--", lw=1, label="~1e-3: healthy")
-        ax.set_yscale("log")
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("||dw|| / ||w|| per layer")
-        ax.legend(fontsize=8)
-        figs["update"] = _png(fig)
-    return figs
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1000px; color: #222; padding: 0 1em; }
+h1 { font-size: 1.5em; } h2 { font-size: 1.15em; margin-top: 1.6em; } .note { color: #555; margin: 0.2em 0; }
+img { max-width: 100%; } table { border-collapse: collapse; width: 100%; font-size: 0.9em; }
+td, th { border: 1px solid #ccc; padding: 0.4em; vertical-align: top; text-align: left; overflow-wrap: break-word; }
+td.short { white-space: nowrap; } td.layers { max-width: 12em; } td.fix { width: 35%; }
+.error { color: #c0392b; font-weight: bold; } .warning { color: #b9770e; font-weight: bold; }
+.info { color: #2874a6; } .ok { color: #1e8449; font-weight: bold; }
+dl { display: grid; grid-template-columns: max-content auto; gap: 0.2em 1em; }
+dd { margin: 0; overflow-wrap: break-word; min-width: 0; }
+.verdict { border-left: 5px solid #999; padding: 0.3em 1em; background: #f7f7f7; }
+.verdict.error { border-color: #c0392b; } .verdict.warning { border-color: #d68910; }
+.verdict.info { border-color: #2874a6; } .verdict.ok { border-color: #1e8449; }
+.verdict ul { color: #222; font-weight: normal; }
+"""
 
 
 def render(run: Run) -> str:
-    """The report as one HTML string."""
+    """The report as one HTML string.
+
+    Raises:
+        ReportError: matplotlib is not installed (and the run has steps to plot).
+    """
     figs = figures(run)
     meta = run.meta
-    e = html.escape
-    counts: dict[str, int] = {}
-    for d in run.diagnoses:
-        counts[d["kind"]] = counts.get(d["kind"], 0) + 1
-    summary = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())) or "none"
-    last = run.stats[-1]["step"] if run.stats else 0
+    head, findings, css = verdict(run)
+    steps = run.stats[-1]["step"] + 1 if run.stats else 0
 
-    def img(key: str, title: str, note: str) -> str:
-        if key not in figs:
-            return ""
-        return (f"<section><h2>{e(title)}</h2><p class=note>{e(note)}</p>"
-                f"<img alt='{e(title)}' src='data:image/png;base64,{figs[key]}'></section>")
-
-    rows = []
-    for d in run.diagnoses:
-        ev = ", ".join(f"{k}={v:.3g}" if isinstance(v, (int, float)) else f"{k}={v}" for k, v in d["evidence"].items())
-        fixes = "".join(f"<li>{e(r)}</li>" for r in d.get("remedies", []))
-        layers = ", ".join(d["layers"][:6]) + (" ..." if len(d["layers"]) > 6 else "")
-        rows.append(f"<tr><td>{d['step']}</td><td class='{e(d['severity'])}'>{e(d['severity'])}</td>"
-                    f"<td>{e(d['kind'])}</td><td>{e(layers)}</td><td>{e(d['message'])}<br><small>{e(ev)}</small>"
-                    f"</td><td><ol>{fixes}</ol></td></tr>")
-    for a in run.actions:
-        rows.append(f"<tr><td>{a['step']}</td><td>action</td><td>{e(a['kind'])}</td><td></td>"
-                    f"<td>{e(json.dumps(a.get('detail', {})))}</td><td></td></tr>")
-    table = ("<table><tr><th>step</th><th>severity</th><th>kind</th><th>layers</th><th>what happened</th>"
-             "<th>what to do</th></tr>" + "".join(rows) + "</table>") if rows else "<p>No diagnoses: a healthy run.</p>"
+    sections = []
+    for key, title, note in FIGURES:
+        if key in figs:
+            sections.append(f"<section><h2>{esc(title)}</h2><p class=note>{esc(note)}</p>"
+                            f"<img alt='{esc(title)}' src='data:image/png;base64,{figs[key]}'></section>")
+    if run.diagnoses:
+        diagnoses = _diagnosis_rows(run)
+    elif run.stats:
+        diagnoses = "<p>None were raised (see the verdict above for what was judged).</p>"
+    else:
+        diagnoses = "<p>None.</p>"
+    fixed, _ = clip_threshold(run)
+    versions = ", ".join(f"{k} {as_text(meta.get(k))}" for k in ("gradguard", "torch", "python") if k in meta)
     return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>gradguard report: {e(str(meta.get('model')))}</title>
-<style>
-body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1000px; color: #222; }}
-h1 {{ font-size: 1.5em; }} h2 {{ font-size: 1.15em; margin-top: 1.6em; }} .note {{ color: #555; margin: 0.2em 0; }}
-img {{ max-width: 100%; }} table {{ border-collapse: collapse; width: 100%; font-size: 0.9em; }}
-td, th {{ border: 1px solid #ccc; padding: 0.4em; vertical-align: top; text-align: left; }}
-.error {{ color: #c0392b; font-weight: bold; }} .warning {{ color: #d68910; font-weight: bold; }}
-.info {{ color: #2874a6; }} dl {{ display: grid; grid-template-columns: max-content auto; gap: 0.2em 1em; }}
-</style></head><body>
+<html lang="en"><head><meta charset="utf-8"><title>gradguard report: {esc(as_text(meta.get('model')))}</title>
+<style>{STYLE}</style></head><body>
 <h1>gradguard report</h1>
-<dl><dt>model</dt><dd>{e(str(meta.get('model')))} ({len(run.layers)} layers)</dd>
-<dt>optimizer</dt><dd>{e(str(meta.get('optimizer')))}</dd><dt>steps</dt><dd>{last + 1 if run.stats else 0}</dd>
-<dt>started</dt><dd>{e(str(meta.get('started')))}</dd>
-<dt>versions</dt><dd>gradguard {e(str(meta.get('gradguard')))}, torch {e(str(meta.get('torch')))}</dd>
-<dt>diagnoses</dt><dd>{e(summary)}</dd></dl>
-<section><h2>Diagnoses and actions</h2>{table}</section>
-{img("norm", "Total gradient norm", "Vertical lines: diagnoses (red error, orange warning, blue info); "
-     "dotted: actions.")}
-{img("loss", "Loss", "As passed to guard.observe_loss (absent when the loss was not observed).")}
-{img("flow", "Gradient flow per layer", "Gradient norm of each layer (input at the top) at three steps; bars "
-     "shrinking toward the top are vanishing gradients, growing ones exploding.")}
-{img("heatmap", "Gradient norms, steps x layers", "log10 of each layer's gradient norm at every logged step.")}
-{img("update", "Update-to-weight ratio", "||w_after - w_before|| / ||w|| per layer at sampled steps.")}
+<dl><dt>model</dt><dd>{esc(as_text(meta.get('model')))} ({len(run.layers)} layers with parameters)</dd>
+<dt>optimizer</dt><dd>{esc(as_text(meta.get('optimizer')))}</dd>
+<dt>steps</dt><dd>{steps:,}</dd>
+<dt>started</dt><dd>{esc(as_text(meta.get('started')))}</dd>
+<dt>versions</dt><dd>{esc(versions or 'unknown')}</dd>
+<dt>run directory</dt><dd>{esc(str(run.path))}</dd>
+{f"<dt>clipping</dt><dd>at norm {esc(fmt(fixed))}</dd>" if fixed is not None else ""}</dl>
+<section class="verdict {css}"><h2 class={css}>{esc(head)}</h2>
+<ul>{"".join(f"<li>{esc(x)}</li>" for x in findings)}</ul></section>
+{_notes_section(run.notes)}
+<section><h2>Diagnoses</h2>{diagnoses}</section>
+{_actions_section(run)}
+{"".join(sections)}
 </body></html>
 """
 
 
-def write_report(run_dir: str | Path, output: str | Path | None = None) -> Path:
+def write_report(run_dir: str | Path, output: str | Path | None = None, run: Run | None = None) -> Path:
     """Write the HTML report of ``run_dir`` and return its path (default ``RUN_DIR/report.html``).
 
+    Args:
+        run_dir: the run directory.
+        output: the HTML file to write.
+        run: the run, when already loaded (saves reading it twice).
+
     Raises:
-        ReportError: see ``load_run``; or the output cannot be written.
+        ReportError: see ``load_run``; matplotlib missing; or the output cannot be written.
     """
-    run = load_run(run_dir)
+    run = run if run is not None else load_run(run_dir)
     out = Path(output) if output else run.path / "report.html"
+    page = render(run)
     try:
-        out.write_text(render(run), encoding="utf-8")
+        out.write_text(page, encoding="utf-8")
     except OSError as e:
-        raise ReportError(f"cannot write {out}: {e.strerror or e}") from e
+        raise ReportError(f"cannot write {out}: {e.strerror or e}") from None
     return out
 
 
 def summary(run: Run) -> str:
-    """A few lines for the console."""
-    lines = [f"{run.path}: {run.meta.get('model')} + {run.meta.get('optimizer')}, "
-             f"{run.stats[-1]['step'] + 1 if run.stats else 0} steps, {len(run.diagnoses)} diagnosis(es)"]
-    for d in run.diagnoses:
-        lines.append(f"  step {d['step']} {d['severity']} {d['kind']}: {', '.join(d['layers'][:3])}")
+    """A few lines for the console: the run, its verdict, its diagnoses."""
+    steps = run.stats[-1]["step"] + 1 if run.stats else 0
+    head, _, _ = verdict(run)
+    lines = [f"{run.path}: {as_text(run.meta.get('model'))} + {as_text(run.meta.get('optimizer'))}, {steps:,} steps, "
+             f"{plural(len(run.diagnoses), 'diagnosis', 'diagnoses')}: {head}"]
+    for d in sorted(run.diagnoses, key=lambda d: d["step"]):
+        lines.append(f"  step {d['step']} {d['severity']} {d['kind']}: {', '.join(n or ROOT for n in d['layers'][:3])}")
+    if run.actions:
+        lines.append(f"  actions: {action_counts(run.actions)}")
     return "\n".join(lines)
+
+
+def report_command(run_dir: str, output: str | None, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    """``gradguard report RUN_DIR [-o FILE]``: write the report, print a summary. Returns the exit code.
+
+    Whatever the directory holds, the user gets lines, not a traceback: a directory that cannot be read at all is
+    one line naming the file (exit 2); lines that were skipped are listed (the first few here, all in the page).
+    """
+    out = out or sys.stdout
+    err = err or sys.stderr
+    try:
+        run = load_run(run_dir)
+        path = write_report(run_dir, output, run=run)
+    except ReportError as e:
+        print(f"gradguard report: {e}", file=err)
+        return 2
+    except Exception as e:  # a bug of ours: still one line, with where it happened, rather than a traceback
+        tb = e.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        where = f" at {Path(tb.tb_frame.f_code.co_filename).name}:{tb.tb_lineno}" if tb is not None else ""
+        print(f"gradguard report: internal error ({type(e).__name__}: {e}{where}) while reading {run_dir}; please "
+              "report it with the run directory", file=err)
+        return 3
+    for note in run.notes[:MAX_NOTES_PRINTED]:
+        print(f"gradguard report: note: {note}", file=err)
+    if len(run.notes) > MAX_NOTES_PRINTED:
+        print(f"gradguard report: note: and {len(run.notes) - MAX_NOTES_PRINTED:,} more, listed in the report",
+              file=err)
+    print(summary(run), file=out)
+    print(f"wrote {path}", file=out)
+    return 0

@@ -12,7 +12,8 @@ Run directory layout (``Guard(log_dir=...)``), schema version 1:
 - ``events.jsonl``: one object per diagnosis or action, in the order found: ``{"type": "diagnosis"|"action",
   "kind", "step", ...}`` with the fields of ``gradguard.Diagnosis`` / ``gradguard.Action``.
 
-Every line is flushed as it is written, so a killed process leaves a readable log.
+Every line is flushed as it is written, so a killed process leaves a readable log. ``gradguard.report.load`` reads
+it back, skipping (and listing) any line a crash, a resumed run or a hand edit left unusable.
 """
 
 from __future__ import annotations
