@@ -263,13 +263,12 @@ class Guard:
         self._wiring.training_forward_started()
 
     def adopt_backward(self, root: torch.Tensor | None) -> None:
-        """Count a backward that has just run, before this Guard was attached, as if it had watched it (its loss,
-        and without an optimizer its step). For runners that attach inside a backward (``gradguard run``).
-
-        Args:
-            root: the tensor ``.backward()`` was called on, or None.
-        """
+        """Count a backward (``root``: the tensor it ran on) that ran just before attach as if watched."""
         self._wiring.listener.adopt(root)
+
+    def stop_listening(self) -> None:
+        """Stop reading backward roots and the script's own clip calls (for integrations that measure themselves)."""
+        self._wiring.listener.stop()
 
     def close(self) -> None:
         """Read pending statistics, remove every hook, flush and close the sinks. Safe to call twice."""

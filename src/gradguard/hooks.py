@@ -66,6 +66,7 @@ class Wiring:
         self.failed = False
         self.recorded = False  # the repaired step measured already; the pre-hook must not measure twice
         self.external = False  # record_gradients() measured this step (a framework callback, before its clip)
+        self.recording = False
         self._draining = False
         self._handles: list[RemovableHandle | OwnHandle] = []
         self._order_handles: list[OwnHandle] = []
@@ -156,6 +157,13 @@ class Wiring:
 
     def record_step(self, snapshot: bool, clip: bool = True, found_inf: torch.Tensor | None = None) -> None:
         """Measure this step's gradients on the device and queue the row. No host read unless ``immediate``."""
+        self.recording = True  # our own clip may call torch's clip functions: not the script's (listen.py)
+        try:
+            self._record_step(snapshot, clip, found_inf)
+        finally:
+            self.recording = False
+
+    def _record_step(self, snapshot: bool, clip: bool, found_inf: torch.Tensor | None) -> None:
         if self._order_handles:
             for h in self._order_handles:
                 h.remove()
@@ -234,6 +242,8 @@ class Wiring:
             self.modes.judge_eval_in_training()
             self.record_step(snapshot=True, found_inf=found_inf)
             self.external = True
+            if self.listener is not None:  # the framework's clip that follows must not record this step again
+                self.listener.recorded_at = self.listener.backwards
         except Exception as e:  # never crash the user's training step
             self.internal_failure(e)
 

@@ -92,7 +92,7 @@ class ScriptListener:
 
     def before_script_clip(self, grads: list[torch.Tensor]) -> None:
         w = self.wiring
-        if w.optimizer is None or not w.live() or w.recorded:
+        if w.optimizer is None or not w.live() or w.recorded or w.recording:
             return
         try:
             if w.external and self.recorded_at == self.backwards:

@@ -111,8 +111,9 @@ class Judge:
                 self._acts_seen = h.acts_version
                 found += detect_units(h, th)
             # Last: a stall no other condition (active now, or found in this read) explains.
-            active = self.active_kinds(int(h.steps[-1])) | {v.key[0] for v in found if v is not None and v.emit}
-            found.append(detect_stalled(h, th, active))
+            if len(h.steps):  # every row of a read can be a GradScaler-skipped step: then nothing to judge
+                active = self.active_kinds(int(h.steps[-1])) | {v.key[0] for v in found if v is not None and v.emit}
+                found.append(detect_stalled(h, th, active))
         return sorted((v for v in found if v is not None), key=lambda v: v.diagnosis.step)
 
     def active_kinds(self, step: int) -> set[str]:

@@ -195,6 +195,7 @@ class GradGuardCallback(GuardResults, pl.Callback):
             trainer.gradient_clip_val = None  # Lightning reads it at every step (Precision._after_closure)
         try:
             guard = Guard(pl_module, optimizer, sinks=sinks, **kwargs)
+            guard.stop_listening()  # the callback measures itself (record_gradients) before Lightning clips
         except Exception:
             self._restore_clip()
             raise

@@ -191,6 +191,9 @@ class GradGuardTrainerCallback(GuardResults, TrainerCallback, ExportableState):
                    "they are clipped, and clipped once.")
         try:
             guard = Guard(model, inner_optimizer(optimizer), sinks=sinks, **kw)
+            # The callback measures and clips itself (record_gradients, the loss from outputs.loss): the script-level
+            # listener (backward roots, torch's clip functions) would measure the Trainer's steps a second time.
+            guard.stop_listening()
         except Exception:
             self._restore_max_grad_norm()
             raise
