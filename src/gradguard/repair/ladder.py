@@ -147,8 +147,9 @@ class Ladder:
         bad_rows = ~np.isfinite(h.total[new])
         if bad_rows.any():
             self.last_trouble = int(h.steps[new][bad_rows][-1])
-            # Skipped steps piling up are an explosion too: without a lower rate the run would skip forever.
-            exploding = True
+            # Skipped steps piling up (3 in the last 20) are an explosion too: without a lower rate the run would
+            # skip forever. One skipped step is not: the skip alone repairs it.
+            exploding = exploding or int((~np.isfinite(h.total[max(0, len(h.steps) - 20):])).sum()) >= 3
         if ((exploding or diverging or early) and self.snapshot is None and self.initial is not None
                 and self.early_rollbacks < EARLY_SEARCH and not self.gave_up):
             # No trusted state yet: the run has been in trouble since attach. Back to the start, with a rate ten
