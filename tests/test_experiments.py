@@ -57,11 +57,25 @@ def test_adding_problem(tmp_path: Path) -> None:
 
 
 def test_pascanu2013_clipping(tmp_path: Path) -> None:
+    # Chaotic runs: which seed meets its cliff, and when, differs between machines; what must hold is checked per
+    # run where it applies and over the seeds otherwise (EXPERIMENTS.md F10).
     rec = run_quick("pascanu2013_clipping", tmp_path)
-    runs = {r["mode"]: r for r in rec["runs"]}
-    assert set(runs["none"]["first"]) & {"exploding", "nonfinite"}
-    assert runs["none"]["worst_rise"] > 1.0  # the cliff
-    assert runs["guard"]["test_acc"] >= 0.8 and runs["guard"]["worst_rise"] < 0.5
+    unclipped = [r for r in rec["runs"] if r["mode"] == "none"]
+    clipped = [r for r in rec["runs"] if r["mode"] == "guard"]
+    assert len(unclipped) == len(clipped) >= 3
+    cliffs = [r for r in unclipped if r["nonfinite_at"] is not None or r["worst_rise"] > 0.5]
+    assert 2 * len(cliffs) > len(unclipped)  # the cliff: the 20-step mean loss rose > 0.5 nats above its best
+    for r in cliffs:  # flagged exploding (or nonfinite) within 20 steps of the cliff; never vanishing, and not
+        lo, hi = r["rise_from"] - 20, r["worst_rise_step"] + 20  # stalled once flagged (the explosion's damage)
+        flags = [d["step"] for d in r["diagnoses"] if d["kind"] in ("exploding", "nonfinite") and lo <= d["step"] <= hi]
+        assert flags, r
+        assert "vanishing" not in r["first"], r
+        assert not [d for d in r["diagnoses"] if d["kind"] == "stalled" and d["step"] >= min(flags)], r
+    for r in clipped:
+        assert r["test_acc"] >= 0.6 and r["worst_rise"] < 0.3, r
+        assert not {*GRADIENT_KINDS, "stalled"} & set(r["first"]), r
+    mean_acc = [sum(r["test_acc"] for r in rs) / len(rs) for rs in (clipped, unclipped)]
+    assert mean_acc[0] - mean_acc[1] >= 0.3
 
 
 def test_seeds(tmp_path: Path) -> None:

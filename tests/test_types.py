@@ -6,8 +6,9 @@ import gradguard as gg
 
 
 def test_kinds_are_the_contract() -> None:
-    assert gg.KINDS == ("exploding", "vanishing", "nonfinite", "dead_units", "saturation", "train_mode_inference",
-                        "inference_mutates_state", "stochastic_inference", "eval_mode_training")
+    assert gg.KINDS == ("exploding", "vanishing", "nonfinite", "dead_units", "saturation", "stalled",
+                        "train_mode_inference", "inference_mutates_state", "stochastic_inference",
+                        "eval_mode_training")
 
 
 def test_diagnosis_rejects_unknown_kind_and_severity() -> None:

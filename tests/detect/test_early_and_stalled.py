@@ -43,7 +43,8 @@ def test_a_learning_rate_far_too_high_is_reported_within_the_first_steps(seed: i
     found, losses, norms = train_digits(30.0, nn.Tanh, seed, 12)
     # The oracle: the first step where the loop's own loss is LOSS_RISE x its first, or its norm GRAD_RISE x.
     expect = next(s for s in range(EARLY_STEPS)
-                  if losses[s] >= LOSS_RISE * losses[0] or (norms[s] >= GRAD_RISE * norms[0] and losses[s] >= losses[0]))
+                  if losses[s] >= LOSS_RISE * losses[0]
+                  or (norms[s] >= GRAD_RISE * norms[0] and losses[s] >= losses[0]))
     early = [d for d in found if d.kind == "exploding" and "first steps" in d.message]
     assert len(early) == 1 and early[0].step == expect
     assert early[0].evidence["loss"] == pytest.approx(losses[expect], rel=1e-5)

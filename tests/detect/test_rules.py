@@ -5,7 +5,12 @@ from __future__ import annotations
 import numpy as np
 
 import gradguard as gg
-from gradguard.detect.exploding import detect_exploding_step, detect_exploding_window, detect_spike_damage
+from gradguard.detect.exploding import (
+    detect_exploding_step,
+    detect_exploding_window,
+    detect_spike_damage,
+    step_candidates,
+)
 from gradguard.detect.history import History
 from gradguard.detect.reporter import Reporter, Verdict
 from gradguard.detect.units import detect_units
@@ -63,6 +68,14 @@ def test_growth_needs_both_norm_and_loss() -> None:
     v = detect_exploding_step(h, 27, T)
     assert v is not None and v.key == ("exploding", "growth")
     assert v.diagnosis.evidence["growth"] == 100.0 and v.diagnosis.severity == "error"
+    assert h.exploded == (27, 2.0)  # remembered with the loss's running mean before it (a constant 2.0)
+    # Without any observed loss (a norm 200x its early level is growth on its own) nothing is remembered: the
+    # running mean of no loss reads 0, and no later stall could ever be judged against it.
+    g[25:] = 200.0
+    blind = History(["l0", "l1"], np.array([100.0, 100.0]), np.zeros(2, dtype=bool))
+    blind.append(np.arange(30), np.sqrt((g ** 2).sum(1)), np.zeros(30), np.zeros(30, dtype=bool), g)
+    v = detect_exploding_step(blind, 27, T)
+    assert v is not None and v.key == ("exploding", "growth") and blind.exploded is None
 
 
 def test_update_ratio_too_high() -> None:
@@ -243,3 +256,125 @@ def test_clipped_spike_is_judged_by_its_effect() -> None:
     (v,) = detect_spike_damage(h, T)
     assert v.diagnosis.evidence["clipped_norm"] == 1.0
     assert "clip cut this step's gradient to 1, and the loss rose all the same" in v.diagnosis.message
+
+
+def alternating(spike: float, losses: np.ndarray, at: int = 250) -> History:
+    """300 steps of one layer whose norm alternates 0.5, 1.5 (running mean ~1, running std ~0.49: a heavy-tailed
+    norm), with `spike` at step `at`."""
+    g = np.where(np.arange(300) % 2 == 0, 0.5, 1.5)[:, None]
+    g[at] = spike
+    return history(g, losses)
+
+
+def test_smaller_spike_is_reported_only_if_it_undid_half_the_progress() -> None:
+    # Loss 2.0 for 10 steps, then 1.0: the run had learned 1.0 below its early level 2.0. At step 250 a norm of
+    # 2.5: ~2.5x its running mean (above watch_ratio 2, below spike_ratio 3) at a z-score of ~3 (below spike_z 10).
+    losses = np.concatenate([np.full(10, 2.0), np.full(290, 1.0)])
+    losses[251:] = 1.6  # the next 5 steps give back 0.6 of that 1.0
+    h = alternating(2.5, losses)
+    assert 250 in step_candidates(h, range(300), T)
+    assert 2.0 < h.total[250] / h.mean[250] < 3.0 and h.z[250] < T.spike_z
+    assert detect_exploding_step(h, 250, T) is None and h.spike_watch == [250]
+    (v,) = detect_spike_damage(h, T)
+    ev = v.diagnosis.evidence
+    before = 1.0 + 0.97 ** 240  # by hand: the loss EMA (beta 0.97) of 10 values 2.0 then 240 values 1.0
+    assert v.key == ("exploding", "spike") and v.diagnosis.severity == "error" and v.diagnosis.step == 250
+    assert abs(ev["loss_before"] - before) < 1e-9 and ev["loss_after"] == 1.6
+    assert abs(ev["progress_undone"] - (1.6 - before) / (2.0 - before)) < 1e-9  # ~0.60
+    assert "gives back 60% of the progress" in v.diagnosis.message
+    assert h.exploded == (250, ev["loss_before"])
+    # The loss stays at 1.6 to the end: at the next read the condition is kept alive without a new report, so a
+    # stall it caused is not reported as another kind (the reporter refreshes the active condition's step).
+    (keep,) = detect_spike_damage(h, T)
+    assert keep.key == ("exploding", "spike") and not keep.emit and keep.diagnosis.step == 299
+    reporter = Reporter(cooldown=50)
+    assert reporter.offer(v) is v.diagnosis and reporter.offer(keep) is None
+    assert reporter.active[("exploding", "spike")][1] == 299
+    # A rise of 0.4: damage by the big-spike test (0.4 > 0.1 x 2.0), but only 40% of the progress (< spike_undo).
+    losses[251:] = 1.4
+    h = alternating(2.5, losses)
+    detect_exploding_step(h, 250, T)
+    assert detect_spike_damage(h, T) == [] and h.exploded is None
+    # A run that had learned nothing (loss flat at 2.0) has no progress to undo: a rise to 2.6 after a smaller
+    # spike is not reported ...
+    flat = np.full(300, 2.0)
+    flat[251:] = 2.6
+    h = alternating(2.5, flat)
+    detect_exploding_step(h, 250, T)
+    assert detect_spike_damage(h, T) == []
+    # ... while a spike of 7.0 (~7x its mean, z ~12 > spike_z) is judged by the plain damage test and reported.
+    h = alternating(7.0, flat)
+    assert h.z[250] > T.spike_z and h.total[250] > T.spike_ratio * h.mean[250]
+    h.clipped = np.minimum(h.total, 1.0)  # bounded by a clip: judged by its effect, not reported for its size
+    assert detect_exploding_step(h, 250, T) is None and h.spike_watch == [250]
+    (v,) = detect_spike_damage(h, T)
+    assert v.diagnosis.evidence["loss_after"] == 2.6
+    # A norm 1.8x its running mean is not a spike at all: not even watched.
+    h = alternating(1.8, losses)
+    assert 250 not in step_candidates(h, range(11, 300), T)
+    assert detect_exploding_step(h, 250, T) is None and h.spike_watch == []
+
+
+def test_spike_during_warmup_is_judged_by_its_effect() -> None:
+    # 20x every layer's level at step 30, inside the first `warmup` (50) steps: the z-score is not trusted there,
+    # so it is not reported for its size; it is reported once the loss after it shows damage.
+    rng = np.random.default_rng(0)
+    g = np.ones((60, 2)) * (1 + 0.05 * rng.standard_normal((60, 2)))
+    g[30] = 20.0
+    losses = np.full(60, 2.0)
+    h = history(g, losses)
+    assert h.finite_count[30] <= T.warmup
+    assert detect_exploding_step(h, 30, T) is None and h.spike_watch == [30]
+    assert detect_spike_damage(h, T) == []  # the loss stayed at 2.0
+    losses[31:] = 3.0
+    h = history(g, losses)
+    detect_exploding_step(h, 30, T)
+    (v,) = detect_spike_damage(h, T)
+    ev = v.diagnosis.evidence
+    assert v.diagnosis.step == 30 and ev["loss_before"] == 2.0 and ev["loss_after"] == 3.0
+    assert "above the loss's early level 2: everything learned was undone" in v.diagnosis.message
+    # The same spike at step 5, before the early loss level (the first 10 losses) is known, and the loss rising
+    # after it: not even watched (a run's start is not a cliff).
+    g5 = g.copy()
+    g5[30], g5[5] = g[29], 20.0
+    h = history(g5, losses)
+    assert detect_exploding_step(h, 5, T) is None and h.spike_watch == []
+
+
+def test_stall_after_an_unrecovered_explosion_is_not_vanishing() -> None:
+    # Uniform vanishing evidence (every layer moves 2e-7 of its norm per step) on a loss flat at 2.3 (stalled).
+    def stalled() -> History:
+        # the loss alternates 2.2, 2.4: mean 2.3, std 0.1; over the 100-step window 3 standard errors are 0.03
+        h = history(np.full((120, 4), 1e-5), np.where(np.arange(120) % 2 == 0, 2.2, 2.4))
+        for s in (50, 75, 100):
+            h.sample_steps.append(s)
+            h.weight.append(np.full(4, 10.0))
+            h.update.append(np.full(4, 2e-6))
+        return h
+
+    v = detect_vanishing(stalled(), T)
+    assert v is not None and v.emit  # no explosion: vanishing
+    # An explosion at step 5 while the loss stood at 1.0: the stall at 2.3 is 1.3 above it, the explosion's
+    # damage: the evidence is kept (an active condition stays active), nothing new is raised.
+    h = stalled()
+    h.mark_exploded(5, 1.0)
+    v = detect_vanishing(h, T)
+    assert v is not None and not v.emit
+    # From a level of 2.25 the stall is 0.05 above it (> 0.03): not recovered, still the explosion's damage ...
+    h = stalled()
+    h.mark_exploded(5, 2.25)
+    v = detect_vanishing(h, T)
+    assert v is not None and not v.emit
+    # ... from 2.28 it is 0.02 above it (< 0.03): back within the noise, recovered; the stall is vanishing.
+    h = stalled()
+    h.mark_exploded(5, 2.28)
+    v = detect_vanishing(h, T)
+    assert v is not None and v.emit
+    # Of two explosions the one after which the loss had been lowest is kept (the second started from the damage).
+    h.mark_exploded(8, 1.0)
+    h.mark_exploded(9, 2.0)
+    assert h.exploded == (8, 1.0)
+    # A resumed run keeps it.
+    resumed = History(h.layers, h.numel, h.embedding)
+    resumed.load_state_dict(h.state_dict())
+    assert resumed.exploded == (8, 1.0)

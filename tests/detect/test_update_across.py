@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import gradguard as gg
-from gradguard.detect.history import update_ratios
+from gradguard.detect.flow import update_ratios
 
 
 def run(zero_grad: bool, steps: int = 30) -> tuple[gg.Guard, list[tuple[np.ndarray, np.ndarray]]]:

@@ -27,13 +27,22 @@ class Thresholds:
     """
 
     window: int = 100  # steps of evidence behind window-based verdicts (vanishing, progress)
-    warmup: int = 50  # finite steps before the z-score of the total norm is trusted
+    warmup: int = 50  # finite steps before the z-score of the total norm is trusted (a spike before them is
+    # judged only by the loss after it)
     spike_z: float = 10.0  # z-score of the total gradient norm against its EMA (ZClip's statistic)
     spike_ratio: float = 3.0  # ... and at least this many times its running mean; a spike that leaves every
     # layer's gradient within this factor of its own early level is judged by its effect on the loss instead
     spike_damage: float = 0.1  # loss rise after a spike (mean of the next spike_follow steps against the running
     # mean before it), as a fraction of the loss's early level, that shows the spike undid progress
     spike_follow: int = 5  # steps after a spike whose loss shows whether it did damage
+    watch_ratio: float = 2.0  # a smaller spike, at least this many times the running mean (any z-score), is
+    # never reported for its size (heavy-tailed norms give such spikes on healthy runs), only if the loss after it
+    # shows it undid training:
+    spike_undo: float = 0.5  # ... the rise gave back at least this fraction of the progress the run had made
+    # (its early loss level minus its level before the spike). Pascanu et al.'s cliffs on a tanh RNN come from
+    # steps at 2.6-5x the running mean with z-scores of 2.7-6 (the norm's heavy tail keeps the running variance
+    # high, so none reaches spike_z), and give back 60-240% of the progress (experiments/pascanu2013_clipping.py,
+    # EXPERIMENTS.md F10)
     growth_factor: float = 50.0  # total norm this many times above its early baseline ...
     loss_rise: float = 1.5  # ... while the loss is this many times its early level (or non-finite)
     update_ratio_high: float = 0.1  # ||dw||/||w|| per step; healthy training sits near 1e-3
@@ -111,6 +120,9 @@ class History:
         acts: (module, call index, "active"|"saturated") -> recent (step, (units, packed per-unit mask) | value).
         times: (step, module, early, late, T). activation_order: activation modules in call order.
         spike_watch: steps of spikes waiting for the loss of the steps after them (see ``detect_spike_damage``).
+        exploded: (step, running mean of the loss before it) of the exploding event, among those the exploding
+        rules found, after which the loss had been lowest: a later stall above that level is the explosion's
+        damage, not a case of vanishing gradients (see ``explained_by_explosion``).
     """
 
     layers: list[str]
@@ -146,6 +158,7 @@ class History:
     count0: int = 0  # finite steps seen before this history started (a resumed run)
     acts_version: int = 0  # bumped by add_act: unit detectors only need to run when it moved
     spike_watch: list[int] = field(default_factory=list)
+    exploded: tuple[int, float] | None = None
     _flow_cache: tuple[tuple[int, int, int], Any] | None = None
 
     def __post_init__(self) -> None:
@@ -255,6 +268,7 @@ class History:
             "first_totals": [list(x) for x in self.first_totals],
             "first_losses": [list(x) for x in self.first_losses],
             "first_grads": [g.tolist() for g in self.first_grads],
+            "exploded": list(self.exploded) if self.exploded is not None else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -266,6 +280,15 @@ class History:
         self.first_totals = [(int(s), float(t)) for s, t in state["first_totals"]]
         self.first_losses = [(int(s), float(v)) for s, v in state["first_losses"]]
         self.first_grads = [np.asarray(g, dtype=np.float64)[perm] for g in state["first_grads"]]
+        exploded = state.get("exploded")  # absent in states saved before it existed
+        self.exploded = (int(exploded[0]), float(exploded[1])) if exploded is not None else None
+
+    def mark_exploded(self, step: int, loss_before: float) -> None:
+        """Remember an exploding event at ``step``, the loss's running mean before it being ``loss_before``; of
+        several, the one with the lowest level before it is kept (a second spike on a run the first one already
+        threw back starts from the damaged level, and must not hide what the run had reached before)."""
+        if np.isfinite(loss_before) and (self.exploded is None or loss_before < self.exploded[1]):
+            self.exploded = (int(step), float(loss_before))
 
 
 def clip_acted(total: float, clipped: float) -> bool:
@@ -293,66 +316,34 @@ def loss_stalled(h: History, t: Thresholds) -> tuple[bool, float | None]:
     return (prog is None or prog < t.progress), prog
 
 
+def explained_by_explosion(h: History, t: Thresholds) -> tuple[int, float, float] | None:
+    """Whether the loss of the last ``t.window`` steps sits above the level it had before a reported exploding
+    event, by more than three standard errors of its mean: the run has not recovered from the explosion.
+
+    A tanh RNN thrown over a cliff by an exploding step saturates and stalls at chance with a gradient through
+    time of 1e-8 (experiments/pascanu2013_clipping.py): the vanishing evidence is true, but its cause, and the
+    remedy (clip, lower the learning rate), is the explosion. A run that never reached a lower loss is not
+    explained this way.
+
+    Returns:
+        (step of the explosion, loss level before it, mean loss of the window), or None.
+    """
+    if h.exploded is None or not len(h.steps):
+        return None
+    step, before = h.exploded
+    window = slice(max(0, len(h.steps) - t.window), len(h.steps))
+    seen = h.loss_seen[window] & np.isfinite(h.loss[window]) & (h.steps[window] > step)
+    if seen.sum() < max(2, t.spike_follow):
+        return None  # too few losses after the explosion to say (as many as judged its damage are enough)
+    vals = h.loss[window][seen]
+    now = float(np.mean(vals))
+    # Recovered means back within the batch-to-batch noise of the mean (a run that crawled back from chance to
+    # 0.2 above its level before the cliff has not: experiments/pascanu2013_clipping.py, seed 8).
+    noise = 3.0 * float(np.std(vals)) / np.sqrt(len(vals))
+    return (step, before, now) if now - before > noise else None
+
+
 def unit_mask(value: tuple[int, np.ndarray]) -> np.ndarray:
     """The per-unit bool mask of an "active" sample stored by ``History.add_act``."""
     units, packed = value
     return np.unpackbits(packed, count=units).astype(bool)
-
-
-def update_ratios(h: History, n: int, orthogonal: bool = False) -> np.ndarray | None:
-    """(n, layers) update-to-weight ratios ||dw||/||w|| of the last ``n`` sampled steps inside the history window.
-
-    Args:
-        h: the history; n: how many samples.
-        orthogonal: measure only the part of the update across the weights, leaving out its component along them.
-            Weight decay moves every weight toward zero, along the weights themselves: by lr * wd / (1 - momentum)
-            of their norm per step (2.5e-5 with SGD 0.005, momentum 0.9, wd 5e-4), enough to hide weights that the
-            gradient no longer moves. From the norms alone, with d = w_after - w_before:
-            w_before . d = (||w_after||^2 - ||w_before||^2 - ||d||^2) / 2 and
-            ||d_across||^2 = ||d||^2 - (w_before . d)^2 / ||w_before||^2. Where the norm after the step is unknown
-            (sharded parameters), the whole update is used.
-
-    Returns:
-        The ratios (NaN where a layer had no weight or no update), or None when fewer than ``n`` samples exist.
-
-    References:
-        Loshchilov & Hutter, "Decoupled Weight Decay Regularization", ICLR 2019 (decay as a shrinking of the
-        weights, separate from the gradient step).
-    """
-    if len(h.sample_steps) < n or h.sample_steps[-n] < h.steps[0]:
-        return None
-    afters = h.after[-n:] if len(h.after) >= n else [None] * n
-    rows = []
-    for w, u, a in zip(h.weight[-n:], h.update[-n:], afters):
-        ok = (w > 0) & (u >= 0)
-        if orthogonal and a is not None:
-            known = ok & (a >= 0)
-            with np.errstate(invalid="ignore", divide="ignore"):
-                along = (a * a - w * w - u * u) / 2.0 / np.where(known, w, 1.0)
-                across = np.sqrt(np.maximum(u * u - along * along, 0.0))
-            u = np.where(known, across, u)
-        rows.append(np.where(ok, u / np.where(ok, w, 1.0), np.nan))
-    r = np.stack(rows)
-    return r if np.isfinite(r).any(axis=1).all() else None
-
-def layer_flow(h: History, window: int) -> tuple[list[str], list[str], float | None, np.ndarray]:
-    """Early vs late layers' RMS gradient over the last ``window`` steps (median per layer), lookups left out.
-
-    Returns:
-        (early layer names, late layer names, median early RMS / median late RMS or None, per-layer RMS).
-    """
-    key = (len(h.steps), int(h.steps[-1]) if len(h.steps) else -1, window)
-    if h._flow_cache is not None and h._flow_cache[0] == key:  # several detectors ask at the same read
-        return h._flow_cache[1]
-    rms = nanmedian(h.rms_grad(slice(len(h.steps) - window, len(h.steps))), axis=0)
-    usable = [i for i in range(len(h.layers)) if not h.embedding[i] and np.isfinite(rms[i]) and rms[i] >= 0]
-    result: tuple[list[str], list[str], float | None, np.ndarray] = ([], [], None, rms)
-    if len(usable) >= 2:
-        q = max(1, len(usable) // 4)
-        early_i, late_i = usable[:q], usable[-q:]
-        late = float(np.median(rms[late_i]))
-        early = float(np.median(rms[early_i]))
-        if late > 0:
-            result = ([h.layers[i] for i in early_i], [h.layers[i] for i in late_i], early / late, rms)
-    h._flow_cache = (key, result)
-    return result

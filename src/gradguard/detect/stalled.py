@@ -20,7 +20,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..types import Diagnosis
-from .history import History, Thresholds, layer_flow, loss_stalled, nanmedian, update_ratios
+from .flow import layer_flow, update_ratios
+from .history import History, Thresholds, loss_stalled, nanmedian
 from .reporter import Verdict
 
 # Kinds whose activity explains a stalled loss already: their diagnosis says why, this one would only repeat it.

@@ -15,7 +15,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..types import Diagnosis
-from .history import History, Thresholds, layer_flow, loss_stalled, nanmedian, update_ratios
+from .flow import layer_flow, update_ratios
+from .history import History, Thresholds, explained_by_explosion, loss_stalled, nanmedian
 from .reporter import Verdict
 
 REMEDIES_DEPTH = [
@@ -63,6 +64,12 @@ def detect_vanishing(h: History, t: Thresholds) -> Verdict | None:
     if v is not None and not stalled:
         # Learning goes on despite the evidence (an LSTM early in training): keep an active condition alive so a
         # flickering gate does not re-report it, but raise nothing new.
+        return Verdict(v.key, v.signature, v.diagnosis, emit=False)
+    if v is not None and explained_by_explosion(h, t) is not None:
+        # The run stalls above the loss it had before a reported explosion: the saturated units and the vanished
+        # gradient are that explosion's damage (a tanh RNN thrown over Pascanu et al.'s cliff), and its remedy is
+        # the explosion's (clip, lower the learning rate), not a gated cell or another initialisation. Raise
+        # nothing new; the exploding diagnosis already said what happened.
         return Verdict(v.key, v.signature, v.diagnosis, emit=False)
     return v
 
