@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .detect.history import layer_flow
+from .detect.flow import layer_flow
 from .guard import Guard
 from .repair.structural import reinit, swap_activations
 from .types import Diagnosis
