@@ -3,6 +3,8 @@ vs late layers' gradient, read by the vanishing, stalled and exploding rules and
 
 from __future__ import annotations
 
+import statistics
+
 import numpy as np
 
 from .history import History, nanmedian
@@ -28,6 +30,21 @@ def update_ratios(h: History, n: int, orthogonal: bool = False) -> np.ndarray | 
         Loshchilov & Hutter, "Decoupled Weight Decay Regularization", ICLR 2019 (decay as a shrinking of the
         weights, separate from the gradient step).
     """
+    # The ratios change only when a sample arrives (every sample_every steps) or the window start passes one:
+    # kept across reads, keyed by the newest sample objects themselves (held here, so never confused with others).
+    stamp = (len(h.sample_steps), h.sample_steps[-1] if h.sample_steps else None,
+             int(h.steps[0]) if len(h.steps) else None, h.weight[-1] if h.weight else None,
+             h.update[-1] if h.update else None, h.after[-1] if h.after else None, len(h.after))
+    hit = h.ratio_cache.get((n, orthogonal))
+    if hit is not None and len(hit[0]) == len(stamp) and all(a is b or (type(a) is not np.ndarray and a == b)
+                                                             for a, b in zip(hit[0], stamp)):
+        return hit[1]
+    result = _update_ratios(h, n, orthogonal)
+    h.ratio_cache[(n, orthogonal)] = (stamp, result)
+    return result
+
+
+def _update_ratios(h: History, n: int, orthogonal: bool) -> np.ndarray | None:
     if len(h.sample_steps) < n or h.sample_steps[-n] < h.steps[0]:
         return None
     afters = h.after[-n:] if len(h.after) >= n else [None] * n
@@ -60,8 +77,9 @@ def layer_flow(h: History, window: int) -> tuple[list[str], list[str], float | N
     if len(usable) >= 2:
         q = max(1, len(usable) // 4)
         early_i, late_i = usable[:q], usable[-q:]
-        late = float(np.median(rms[late_i]))
-        early = float(np.median(rms[early_i]))
+        # statistics.median: numpy's value on these few numbers, without its per-call cost at every read
+        late = float(statistics.median(rms[late_i].tolist()))
+        early = float(statistics.median(rms[early_i].tolist()))
         if late > 0:
             result = ([h.layers[i] for i in early_i], [h.layers[i] for i in late_i], early / late, rms)
     h._flow_cache = (key, result)

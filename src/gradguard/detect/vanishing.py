@@ -35,11 +35,13 @@ REMEDIES_TIME = [
 ]
 
 
-def detect_vanishing(h: History, t: Thresholds) -> Verdict | None:
+def detect_vanishing(h: History, t: Thresholds, active: bool = True) -> Verdict | None:
     """Window verdict on vanishing gradients, through time first (the most specific), then depth.
 
     Args:
         h: the history; t: thresholds.
+        active: whether a vanishing condition may be active (the judge knows). When none is and the loss is
+            still improving, the evidence can only give a verdict that raises nothing: it is not computed.
 
     Returns:
         A verdict or None.
@@ -52,6 +54,8 @@ def detect_vanishing(h: History, t: Thresholds) -> Verdict | None:
     if len(h.steps) < t.window:
         return None
     stalled, prog = loss_stalled(h, t)
+    if not stalled and not active:
+        return None  # the verdict below would be emit=False, which keeps only an active condition alive
     # Without an observed loss the gate cannot see progress: ask for 10x stronger evidence instead.
     strict = 1.0 if prog is not None else 0.1
     step = int(h.steps[-1])
