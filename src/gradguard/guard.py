@@ -57,7 +57,8 @@ class Guard:
             steps into host memory). Each repair is an Action in ``guard.actions`` and events.jsonl. The skip costs
             one small host read per step on an accelerator unless the optimizer is fused (then the fused kernel's
             ``found_inf`` does it on the device), as torch.amp.GradScaler does. ``optimizer.step(closure)`` is
-            repaired too (the closure runs first; PyTorch Lightning steps this way), except with LBFGS.
+            repaired too (the closure runs first; Lightning steps so). LBFGS (many closure calls a step) is
+            checked after its step: a non-finite loss or weight puts the weights back, its memory cleared.
         lr_backoff, lr_restore_after, snapshot_every, max_rollbacks: settings of the repair ladder (backoff
             factor, stable steps before each step back up, steps between snapshots, rollbacks before giving up).
         log_every: steps between host reads of the statistics (one copy each); detectors run then.

@@ -62,9 +62,9 @@ def detect_nonfinite(h: History, row: int, origin: Origin | None) -> Verdict | N
         what.append(f"{int(bad.sum())} of {len(h.layers)} layers have non-finite gradients")
     msg = (f"Non-finite values at step {step}: {' and '.join(what)}. An optimizer step with them writes NaN into the "
            f"weights and every later step is lost.{where}")
-    evidence = {"loss": float(h.loss[row]) if h.loss_seen[row] else float("nan"),
-                "total_grad_norm": float(h.total[row]),
-                "nonfinite_layers": float(bad.sum())}
+    evidence = {"total_grad_norm": float(h.total[row]), "nonfinite_layers": float(bad.sum())}
+    if h.loss_seen[row]:  # a loss never observed is left out, not reported as NaN
+        evidence["loss"] = float(h.loss[row])
     severity: Severity = "error"
     d = Diagnosis("nonfinite", severity, step, layers, msg, evidence, list(REMEDIES))
     # One signature while it lasts: NaN weights after the first bad step are its consequence, not news.

@@ -128,7 +128,7 @@ class GradGuardCallback(GuardResults, pl.Callback):
     ``repair="auto"`` works: Lightning steps the optimizer with a closure (training step, backward, this
     callback's measurement, Lightning's clipping); the repaired step runs it first, then skips a non-finite step,
     scales the learning rate or steps as usual, and rolls back at a statistics read. With 16-mixed precision the
-    GradScaler skips overflow steps itself (they are not counted). Not with LBFGS (many closure calls per step).
+    GradScaler skips overflow steps itself (they are not counted).
 
     One optimizer: ``trainer.optimizers`` must hold exactly one (Lightning's automatic optimization); with several
     (manual optimization, e.g. a GAN) fit start raises ValueError: attach one ``gradguard.Guard`` per optimizer in

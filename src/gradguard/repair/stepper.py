@@ -62,6 +62,8 @@ class StepSide(Protocol):
     def live(self) -> bool: ...
     def record_for_step(self) -> None: ...
     def skip_step(self, detail: dict[str, Any]) -> None: ...
+    def act(self, action: Action) -> None: ...
+    def last_step(self) -> int: ...
     def internal_failure(self, exc: BaseException) -> None: ...
 
 
@@ -91,6 +93,11 @@ class Repairer:
         self._clip_index: dict[tuple[int, ...], torch.Tensor] = {}
         self._step_wrapper: Callable[..., Any] | None = None
         self._orig_step: Callable[..., Any] | None = None
+
+    def reset_layout(self) -> None:
+        """The tracked parameters changed (a new optimizer group): forget what was built for the old ones."""
+        self._clip_index = {}
+        self._ready_at = None
 
     # ------------------------------------------------------------------ clipping (per step)
 
@@ -161,9 +168,10 @@ class Repairer:
                        **kwargs: Any) -> Any:
         assert self._orig_step is not None and self.optimizer is not None and self.ladder is not None
         closure = closure_given(args, kwargs)
-        # LBFGS evaluates its closure many times inside one step: there is no single gradient to judge beforehand.
-        if not side.live() or (closure and isinstance(self.optimizer, torch.optim.LBFGS)):
+        if not side.live():
             return self._orig_step(*args, **kwargs)
+        if closure and isinstance(self.optimizer, torch.optim.LBFGS):
+            return self._lbfgs_step(side, *args, **kwargs)
         result = None
         if closure:
             # A one-evaluation optimizer stepped with a closure (PyTorch Lightning does this): evaluate it first,
@@ -197,6 +205,35 @@ class Repairer:
             self.ladder.unscale_lr(self.optimizer, saved)
             side.recorded = False
             self.restore_fused_flags()
+
+    def _lbfgs_step(self, side: StepSide, *args: Any, **kwargs: Any) -> Any:
+        """LBFGS evaluates its closure many times inside one step (its line search): there is no single gradient
+        to judge before the update. So the weights are copied before the step and checked after it; if the loss
+        or any weight came out non-finite, the weights are put back bitwise and LBFGS's curvature memory (built
+        from those non-finite gradients) is cleared, as at its first step. The check reads the host once per
+        step, which adds no sync that LBFGS does not already make (it reads its loss and directions on the host
+        at every iteration)."""
+        assert self._orig_step is not None and self.optimizer is not None
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        with torch.no_grad():
+            before = torch._foreach_mul([p.detach() for p in params], 1.0)  # a copy, one fused call
+        result = self._orig_step(*args, **kwargs)
+        try:
+            with torch.no_grad():
+                flags = [torch.isfinite(p).all() for p in params]
+                if isinstance(result, torch.Tensor):
+                    flags.append(torch.isfinite(result.detach()).all())
+                finite = bool(torch.stack([f.to(flags[0].device) for f in flags]).all()) if flags else True
+            if not finite:
+                with torch.no_grad():
+                    torch._foreach_copy_([p.detach() for p in params], before)
+                self.optimizer.state.clear()  # LBFGS keeps its history in the state of its first parameter
+                side.act(Action("skip_step", side.last_step(), {
+                    "why": "non-finite loss or weights inside the LBFGS step (its line search): weights put back, "
+                           "its curvature memory cleared"}))
+        except Exception as e:  # never crash the user's training step
+            side.internal_failure(e)
+        return result
 
     def _skip_decision(self, total: torch.Tensor) -> bool:
         """Rung 1. A fused optimizer gets the flag as its ``found_inf`` (the kernel skips, state untouched, no

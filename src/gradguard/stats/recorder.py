@@ -153,6 +153,10 @@ class StepRecorder:
             self._norms = LayerNorms(self.layers, self.device, self.rank if self.sharded else None)
         return self._norms
 
+    def reset_norms(self) -> None:
+        """The tracked parameters changed (a new optimizer group): rebuild the norm plan at the next step."""
+        self._norms = None
+
     def reorder(self, order: list[str]) -> None:
         """The forward order of the layers became known: report layers in that order."""
         self.layers.reorder(order)

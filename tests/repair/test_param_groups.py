@@ -1,0 +1,88 @@
+"""optimizer.add_param_group after attach (unfreezing a backbone part way): the new parameters are watched and
+guarded, and a rollback after the change works. Oracles: torch's own norms of the gradients, and the weights as
+they were before a NaN step."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import gradguard as gg
+
+
+def make() -> tuple[nn.Sequential, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 1))
+    for p in m[0].parameters():
+        p.requires_grad_(False)  # the frozen "backbone"
+    opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.05)
+    return m, opt
+
+
+def step(m: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, nan: bool = False) -> None:
+    loss = nn.functional.mse_loss(m(x), y)
+    opt.zero_grad()
+    (loss * float("nan") if nan else loss).backward()
+    opt.step()
+
+
+def test_new_group_is_measured_from_the_step_it_joins() -> None:
+    m, opt = make()
+    guard = gg.Guard(m, opt, console=False, log_every=5)
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    for _ in range(7):
+        step(m, opt, x, y)
+    for p in m[0].parameters():
+        p.requires_grad_(True)
+    opt.add_param_group({"params": list(m[0].parameters()), "lr": 0.01})
+    want = []
+    for _ in range(6):
+        loss = nn.functional.mse_loss(m(x), y)
+        opt.zero_grad()
+        loss.backward()
+        want.append(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad)
+                                                          for p in m[0].parameters()])).item())
+        opt.step()
+    guard.close()
+    h = guard.history
+    assert h is not None and "0" in h.layers
+    col = h.layers.index("0")
+    got = h.grad[:, col]
+    assert (got[:7] == -1.0).all()  # absent before it joined
+    torch.testing.assert_close(torch.tensor(got[7:13], dtype=torch.float64), torch.tensor(want, dtype=torch.float64),
+                               rtol=1e-5, atol=0)
+    # the total norm now includes the new layer (clip_grad_norm_'s definition over every parameter)
+    assert h.total[-1] > 0
+
+
+def test_a_nan_gradient_in_the_new_group_is_skipped_and_a_rollback_still_works() -> None:
+    m, opt = make()
+    guard = gg.Guard(m, opt, console=False, repair="auto", log_every=5)
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    for _ in range(5):
+        step(m, opt, x, y)
+    for p in m[0].parameters():
+        p.requires_grad_(True)
+    opt.add_param_group({"params": list(m[0].parameters()), "lr": 0.01})
+    step(m, opt, x, y)
+    before = [p.detach().clone() for p in m.parameters()]
+    # NaN only in the new layer's gradient: the old layers' gradients stay finite
+    loss = nn.functional.mse_loss(m(x), y)
+    opt.zero_grad()
+    loss.backward()
+    m[0].weight.grad[0, 0] = float("nan")
+    opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, m.parameters()))  # not applied
+    assert any(a.kind == "skip_step" for a in guard.actions)
+    # Keep injecting: repeated non-finite steps lead to a rollback, which must restore (not raise, not switch off)
+    for _ in range(40):
+        loss = nn.functional.mse_loss(m(x), y)
+        opt.zero_grad()
+        loss.backward()
+        m[0].weight.grad[0, 0] = float("nan")
+        opt.step()
+    assert all(torch.isfinite(p).all() for p in m.parameters())
+    assert not guard._wiring.failed
+    # rolled back to the state at the change (step 5): the older snapshots cannot hold the new group
+    assert [a.detail["to_step"] for a in guard.actions if a.kind == "rollback"][:1] == [5]
+    guard.close()
