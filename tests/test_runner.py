@@ -93,3 +93,37 @@ def test_repair_flag_turns_the_ladder_on(tmp_path) -> None:
     events = [json.loads(x) for x in (tmp_path / "r" / "events.jsonl").read_text().splitlines()]
     assert {"type": "action", "kind": "skip_step", "step": 7} in [
         {k: e[k] for k in ("type", "kind", "step")} for e in events]
+
+
+ACCUM = """
+import torch
+from torch import nn
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+opt = torch.optim.SGD(model.parameters(), lr=0.05)
+data = [(torch.randn(8, 4), torch.randn(8, 1)) for _ in range(4 * 6)]
+for step in range(6):
+    opt.zero_grad()
+    total = 0.0
+    for x, y in data[4 * step: 4 * step + 4]:
+        loss = nn.functional.mse_loss(model(x), y) / 4  # accumulation over 4 micro-batches
+        total += loss.item()
+        loss.backward()
+    opt.step()
+    print(f"step {step} loss {total!r}")
+"""
+
+
+def test_accumulated_step_losses_are_the_scripts_own(tmp_path) -> None:
+    # The step's loss is the sum of its backward roots (the mean micro-batch loss here), step 0 included, whose
+    # backwards ran before the runner attached the Guard at the first optimizer step.
+    script = tmp_path / "accum.py"
+    script.write_text(ACCUM)
+    out = run("--out", str(tmp_path / "r"), "--log-every", "1", str(script))
+    assert out.returncode == 0, out.stderr
+    want = [float(line.split()[-1]) for line in out.stdout.splitlines() if line.startswith("step ")]
+    got = [json.loads(x)["loss"] for x in (tmp_path / "r" / "stats.jsonl").read_text().splitlines()]
+    steps = [json.loads(x)["step"] for x in (tmp_path / "r" / "stats.jsonl").read_text().splitlines()]
+    assert len(want) == 6 and steps == list(range(6))
+    for s, loss in zip(steps, got):
+        assert abs(loss - want[s]) < 1e-5 * abs(want[s]), (s, loss, want[s])

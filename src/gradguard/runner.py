@@ -195,7 +195,7 @@ class Watcher:
                           repair="auto" if self.repair else False)
             self.watched.append((guard, model, optimizer))
             if self.scout.last_loss is not None:
-                # The backward of this first step ran before the Guard existed: its loss is step 0's.
+                # The backwards of this first step ran before the Guard existed: their loss is step 0's.
                 guard.observe_loss(self.scout.last_loss)
         except Exception as e:  # the user's script must run on regardless: say it once for this optimizer
             _say(f"could not watch {name} ({type(e).__name__}: {e}); the script runs on, unwatched")
@@ -234,14 +234,17 @@ class _BackwardScout:
 
     def __init__(self, watcher: Watcher) -> None:
         self.watcher = watcher
-        self.last_loss: torch.Tensor | None = None  # the latest backward root's loss, until an optimizer steps
+        # The sum of the backward roots before the first optimizer step: step 0's loss, as the Guard reads a
+        # step's loss (accumulated micro-batches add up); None when a root was not a scalar.
+        self.last_loss: torch.Tensor | None = None
 
     def probe(self) -> None:
         return None
 
     def backward_done(self, root: Any, probe: Any) -> None:
         if not self.watcher.stepped:
-            self.last_loss = script_hooks.unscaled(root) if isinstance(root, torch.Tensor) else None
+            loss = script_hooks.unscaled(root) if isinstance(root, torch.Tensor) else None
+            self.last_loss = loss if loss is None or self.last_loss is None else self.last_loss + loss
         self.watcher.on_backward(root)
 
     def before_script_clip(self, grads: Any) -> None:

@@ -111,7 +111,9 @@ def test_an_explicit_loss_wins_and_auto_loss_can_be_turned_off() -> None:
             assert not h.loss_seen.any()
 
 
-def test_gradient_accumulation_averages_the_backward_roots() -> None:
+def test_gradient_accumulation_sums_the_backward_roots() -> None:
+    # (loss / 4).backward() four times: the step's gradient is that of the sum of the roots, the mean micro-batch
+    # loss, which is what the step's loss must read (not a quarter of it)
     model = net()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     guard = gg.Guard(model, opt, console=False)
@@ -124,7 +126,7 @@ def test_gradient_accumulation_averages_the_backward_roots() -> None:
             loss = nn.functional.mse_loss(model(x), y) / 4
             parts.append(loss.item())
             loss.backward()
-        means.append(sum(parts) / 4)
+        means.append(sum(parts))
         opt.step()
     h = guard.history
     guard.close()

@@ -165,9 +165,12 @@ class StepRecorder:
     def measure(self, optimizer: Any, found_inf: torch.Tensor | None = None) -> Measured:
         """This step's gradient norms and loss, as device tensors (the per-step path: no host read)."""
         if self._loss_n == 0 and self._auto:  # no explicit loss this step: the backward roots stand in
+            # Their sum: the objective whose gradient this step applies (accumulated gradients add up). With
+            # accumulation written as (loss / accum).backward() it is the mean micro-batch loss, what the script
+            # means by its loss; an average would read 1/accum of it.
             for value in self._auto:
                 self._loss_sum = value if self._loss_sum is None else self._loss_sum + value
-            self._loss_n = len(self._auto)
+            self._loss_n = 1
         self._auto = []
         sample = self.step % self.sample_every == 0
         wnorm: torch.Tensor | None = None
