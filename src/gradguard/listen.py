@@ -66,10 +66,15 @@ class ScriptListener:
         if probe is None or not w.live():
             return
         try:
-            if probe == [_grad_key(p) for p in self.probes]:
+            after = [_grad_key(p) for p in self.probes]
+            if probe == after:
                 return  # the backward did not reach this model's parameters
             self.backwards += 1
             if self.auto_loss and root is not None:
+                # A backward that added to no existing gradient (they were set to None) starts a new accumulation:
+                # roots of earlier backwards whose step never came (a GradScaler skip) are not this step's loss.
+                if not any(b[0] != 0 and b[0] == a[0] for b, a in zip(probe, after)):
+                    w.recorder.new_accumulation()
                 w.recorder.observe_backward_loss(script_hooks.unscaled(root))
             if self.step_on_backward and w.optimizer is None:
                 self.end_open_step()

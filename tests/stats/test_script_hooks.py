@@ -153,6 +153,29 @@ def test_a_gradscaler_root_is_unscaled() -> None:
     np.testing.assert_allclose(h.loss, losses, rtol=1e-6)
 
 
+def test_a_step_the_scaler_skipped_leaves_no_loss_behind() -> None:
+    # No clip in this loop, so nothing records the skipped step: its (infinite) root must not be added to the next
+    # step's loss. The next step starts from zeroed gradients (set to None): a new accumulation.
+    model = net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    guard = gg.Guard(model, opt, console=False)
+    stepped = []
+    for i, (x, y) in enumerate(batches(5)):
+        loss = nn.functional.mse_loss(model(x), y)
+        if i == 2:
+            loss = loss * float("inf")  # an overflow: the scaler skips this step
+        else:
+            stepped.append(loss.item())
+        opt.zero_grad()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+    h = guard.history
+    guard.close()
+    np.testing.assert_allclose(h.loss, stepped, rtol=1e-6)
+
+
 def test_a_loop_without_an_optimizer_is_watched_per_backward() -> None:
     """Hand-written SGD (p.data.add_), as in teaching code: every backward that reaches the model is a step."""
     model = net()

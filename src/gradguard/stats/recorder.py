@@ -134,6 +134,10 @@ class StepRecorder:
             loss = loss.to(device=self.device, dtype=torch.float32, non_blocking=True)
         self._auto.append(loss)
 
+    def new_accumulation(self) -> None:
+        """The gradients start from nothing: backward roots kept so far belong to no step that will come."""
+        self._auto = []
+
     def note_script_clip(self, max_norm: float) -> None:
         """The script clips this step's gradients (already recorded) at ``max_norm``: the row's post-clip total
         becomes what its clip leaves, ``min(total, max_norm)``, so the detectors know a clip bounded the step."""
