@@ -93,3 +93,46 @@ def test_a_run_that_cannot_learn_is_stalled_and_says_what_was_ruled_out(seed: in
 
 def test_stalled_is_a_kind() -> None:
     assert "stalled" in gg.KINDS
+
+
+def stalled_on(losses: np.ndarray):
+    """detect_stalled on a history of these losses, with healthy constant gradients in three layers."""
+    from gradguard.detect.history import History, Thresholds
+    from gradguard.detect.stalled import detect_stalled
+
+    n = len(losses)
+    grads = np.ones((n, 3))
+    h = History(["l0", "l1", "l2"], np.full(3, 100.0), np.zeros(3, dtype=bool))
+    h.append(np.arange(n), np.sqrt((grads ** 2).sum(1)), losses, np.ones(n, dtype=bool), grads)
+    return detect_stalled(h, Thresholds(), set())
+
+
+def percent_in(message: str, verb: str) -> float:
+    import re
+
+    found = re.search(rf"the loss {verb} by ([0-9.,]+)%", message)
+    assert found is not None, message
+    return float(found.group(1).replace(",", ""))
+
+
+def test_a_stalled_loss_that_rose_says_it_rose_by_a_positive_amount() -> None:
+    # The last 100 steps of a loss creeping up from 2.0 to 2.6: stalled (no progress), and it rose.
+    losses = np.linspace(2.0, 2.6, 100)
+    v = stalled_on(losses)
+    assert v is not None
+    third = len(losses) // 3  # the window's first and last thirds, as the message is defined on
+    first, last = losses[:third].mean(), losses[-third:].mean()
+    rise = 100 * (last - first) / first
+    assert "improved by" not in v.diagnosis.message
+    assert percent_in(v.diagnosis.message, "rose") == pytest.approx(rise, abs=0.5)
+
+
+def test_a_stalled_loss_that_fell_a_little_says_it_improved() -> None:
+    losses = np.linspace(2.0, 1.99, 100)
+    v = stalled_on(losses)
+    assert v is not None
+    third = len(losses) // 3
+    first, last = losses[:third].mean(), losses[-third:].mean()
+    gain = 100 * (first - last) / first
+    assert gain < 2  # below the 2% a window needs to count as learning
+    assert percent_in(v.diagnosis.message, "improved") == pytest.approx(gain, rel=0.05)

@@ -206,3 +206,62 @@ def test_the_verdict_says_healthy_only_after_a_full_window(tmp_path: Path) -> No
             "message": "m", "evidence": {}, "remedies": []}
     sick = load_run(write(tmp_path / "sick", [row(s) for s in range(120)], [diag, dict(diag, step=110)]))
     assert verdict(sick)[0::2] == ("Problems found: vanishing (first at step 99, 2 times)", "warning")
+
+
+def diagnosis(kind: str, step: int, layers: list[str], message: str, remedies: list[str],
+              severity: str = "error", **evidence: Any) -> dict[str, Any]:
+    return {"type": "diagnosis", "kind": kind, "step": step, "severity": severity, "layers": layers,
+            "message": message, "evidence": evidence, "remedies": remedies}
+
+
+def test_the_verdict_leads_with_when_what_where_and_what_to_do(tmp_path: Path) -> None:
+    events = [diagnosis("exploding", 3, ["0", "2"], "Training diverges: loss 24 to 695. The rate is too high.",
+                        ["lower the learning rate about 10x", "clip"]),
+              diagnosis("exploding", 4, ["2"], "Again.", ["x"]),
+              diagnosis("nonfinite", 6, [], "Non-finite values at step 6: the loss is <b>inf</b>.", [])]
+    page = render(load_run(write(tmp_path / "run", [row(s) for s in range(10)], events)))
+    box = page[page.index("<ol class=leads>"):page.index("<p class=judged>")]
+    assert [x.split("</li>")[0] for x in box.split("<li>")[1:]] == [
+        "<b class=error>step 3: exploding</b> in <b>0, 2</b>. Training diverges: loss 24 to 695.<br>"
+        "<span class=todo>What to do: lower the learning rate about 10x</span>",  # one line per kind, its first
+        "<b class=error>step 6: nonfinite</b>. Non-finite values at step 6: the loss is &lt;b&gt;inf&lt;/b&gt;."]
+    healthy = render(load_run(write(tmp_path / "healthy", [row(s) for s in range(10)], [])))
+    assert "<ol class=leads>" not in healthy and "What was judged" not in healthy
+
+
+def test_a_blow_up_between_two_logged_steps_is_drawn_from_what_the_diagnoses_reported(tmp_path: Path) -> None:
+    # The first statistics line is already non-finite (the run blew up within its first read): without the
+    # diagnoses' numbers the norm and loss plots would show nothing finite at all.
+    stats = [row(s, total="nan", loss="inf", grad={"enc": "nan", "dec": "nan"}) for s in range(6, 40)]
+    events = [diagnosis("exploding", 3, ["enc"], "m", [], grad_norm=996.0, loss=2220.0, first_grad_norm=10.5),
+              diagnosis("exploding", 4, ["enc"], "m", [], total_grad_norm=5.2e6, loss=1.78e8),
+              diagnosis("nonfinite", 6, [], "m", [], total_grad_norm="nan", loss="inf"),  # logged: not repeated
+              diagnosis("vanishing", 5, ["enc"], "m", [], total_grad_norm=1e-9)]  # a window median: not a step's
+    run = load_run(write(tmp_path / "run", stats, events))
+    name = "between logged steps, as a diagnosis reported it"
+    with quiet_matplotlib():
+        figs = draw(run)
+        for key, values in (("norm", [996.0, 5.2e6]), ("loss", [2220.0, 1.78e8])):
+            ax = figs[key].axes[0]
+            drawn = lines(figs[key])[name]
+            assert list(drawn.get_xdata()) == [3, 4] and list(drawn.get_ydata()) == values
+            assert ax.get_yscale() == "log" and ax.get_xlim()[0] < 3
+    assert "hollow \u25c7: the value a diagnosis reported" in render(run)
+
+
+def test_a_loss_never_finite_says_so_instead_of_an_axis_of_made_up_numbers(tmp_path: Path) -> None:
+    run = load_run(write(tmp_path / "run", [row(s, loss="nan") for s in range(20)], []))
+    with quiet_matplotlib():
+        ax = draw(run)["loss"].axes[0]
+    assert "no finite loss value was logged" in [t.get_text() for t in ax.texts]
+    assert list(ax.get_yticks()) == []
+
+
+def test_clips_a_few_steps_apart_are_one_stretch(tmp_path: Path) -> None:
+    events = ([action("clip", s, method="global_norm", norm=2.0, clipped_norm=1.0) for s in range(0, 21, 2)]
+              + [action("clip", 40, method="global_norm", norm=3.0, clipped_norm=1.0)])
+    page = render(load_run(write(tmp_path / "run", [row(s) for s in range(50)], events)))
+    section = page[page.index("<h2>What gradguard did</h2>"):page.index("<h2>Gradient norm</h2>")]
+    assert [x.split("</li>")[0] for x in section.split("<li>")[1:]] == [
+        "clipped 11 of the 21 steps 0\u201320 (global norm): gradient norm 2 cut to 1",  # gaps of 2: one stretch
+        "clipped step 40 (global norm): gradient norm 3 cut to 1"]  # 20 steps later: another

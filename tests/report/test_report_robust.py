@@ -317,7 +317,7 @@ class Page(HTMLParser):
 
 # Everything the report itself writes; a tag outside this set came from a file and was not escaped.
 OWN_TAGS = {"html", "head", "meta", "title", "style", "body", "h1", "h2", "dl", "dt", "dd", "section", "p", "ul",
-            "ol", "li", "table", "tr", "th", "td", "br", "small", "img"}
+            "ol", "li", "table", "tr", "th", "td", "br", "small", "img", "b", "span"}
 
 
 @dataclass

@@ -17,6 +17,7 @@ from ..stats.layers import LayerMap
 from ..stats.recorder import CLIPPED, HEAD, LOSS, SCALER_INF, TOTAL, HostRead
 from ..stats.sentinel import Origin
 from ..types import Diagnosis
+from .advice import ModelFacts, advise
 from .early import detect_early_divergence
 from .exploding import detect_exploding_step, detect_exploding_window, detect_spike_damage, step_candidates
 from .history import History, Thresholds
@@ -48,12 +49,15 @@ class Judge:
         self.diagnoses: list[Diagnosis] = []
         self.history: History | None = None
         self.pending_state: dict[str, Any] | None = None  # a loaded state waiting for the first read
+        self.facts: ModelFacts | None = None  # set at attach: remedies fitted to the model (advice.py)
         self._acts_seen = 0
 
     def offer(self, verdict: Verdict) -> Diagnosis | None:
         """A verdict from any detector: a new Diagnosis to report, or None when it is not new."""
         d = self.reporter.offer(verdict)
         if d is not None:
+            if self.facts is not None:
+                d = advise(d, self.facts, self.diagnoses)
             self.diagnoses.append(d)
         return d
 
@@ -96,6 +100,13 @@ class Judge:
         Returns:
             Every verdict found, in step order (not yet deduplicated).
         """
+        h._memo = {}  # shared results of this read (History.memo); dropped below, so none outlives the read
+        try:
+            return self._detect(h, n_rows, origins)
+        finally:
+            h._memo = None
+
+    def _detect(self, h: History, n_rows: int, origins: dict[int, Origin | None]) -> list[Verdict]:
         th = self.thresholds
         found: list[Verdict | None] = []
         for r in step_candidates(h, range(len(h.steps) - n_rows, len(h.steps)), th):
@@ -106,7 +117,8 @@ class Judge:
         # Once NaN/Inf reached the statistics, every other rule reads garbage (a NaN output looks like a dead
         # ReLU): window rules wait until the window is clean again.
         if np.isfinite(h.total[-th.window:]).all():
-            found += [detect_exploding_window(h, th), detect_vanishing(h, th)]
+            vanishing_known = any(key[0] == "vanishing" for key in self.reporter.active)
+            found += [detect_exploding_window(h, th), detect_vanishing(h, th, vanishing_known)]
             if h.acts_version != self._acts_seen:  # unit verdicts change only when a new sample arrived
                 self._acts_seen = h.acts_version
                 found += detect_units(h, th)

@@ -81,7 +81,24 @@ def detect_stalled(h: History, t: Thresholds, active: set[str]) -> Verdict | Non
         remedies = ["a learning-rate schedule (warmup, then decay) or a larger learning rate for a while",
                     "normalisation (LayerNorm/BatchNorm) or another initialisation",
                     "check the labels and the loss against the output layer (a target the output cannot reach)"]
-    msg = (f"Training has stalled: over the last {t.window} steps the loss improved by {100 * prog:.2g}% "
+    msg = (f"Training has stalled: over the last {t.window} steps the loss {loss_change(prog)} "
            f"(mean {mean:.4g}, against {early:.4g} at the start). Ruled out: " + ", ".join(ruled_out) + ". " + likely)
     return Verdict(("stalled",), ("stalled",),
                    Diagnosis("stalled", "warning", int(h.steps[-1]), [], msg, ev, remedies))
+
+
+def loss_change(progress: float) -> str:
+    """The loss's change over a window in words, from ``History.progress`` (the relative improvement, negative when
+    the loss rose): "improved by 0.53%", "rose by 30%", "did not change".
+
+    Args:
+        progress: (mean of the window's first third - mean of its last third) / |mean of its first third|.
+
+    Returns:
+        The words, with the size of the change as a positive percentage.
+    """
+    pct = 100 * abs(progress)
+    if pct == 0:
+        return "did not change"
+    size = f"{pct:,.0f}" if pct >= 10 else f"{pct:.2g}"
+    return f"improved by {size}%" if progress > 0 else f"rose by {size}%"

@@ -1,7 +1,9 @@
 """``gradguard report RUN_DIR``: one self-contained HTML file (plots inlined as PNG, no script, no network) that
-a person reads at a glance: a verdict that says what was judged and what could not be, the diagnoses with their
-evidence, what repair did (as stretches of steps, in words), and plots of the gradient norm (before clipping, with
-the clip threshold), the loss, gradient flow per layer, a steps x layers heatmap and update-to-weight ratios.
+a person reads at a glance: a verdict that gives each kind of problem in one line (when, what, in which layers,
+what to do first) and says what was judged and what could not be, the diagnoses with their evidence, what repair
+did (as stretches of steps, in words), and plots of the gradient norm (before clipping, with the clip threshold),
+the loss, gradient flow per layer, the gradient reaching the first and the last time steps of recurrent layers
+(vanishing through time), a steps x layers heatmap and update-to-weight ratios.
 
 Reads run directories written by ``gradguard run`` and by ``Guard(log_dir=...)`` (schema in
 ``gradguard.report.sinks``) in any state: lines that cannot be used are skipped and listed in the report
@@ -21,7 +23,7 @@ from .load import SCHEMA, Note, ReportError, Run, clip_threshold, load_run
 from .plots import figures
 from .plotting import ROOT, SEVERITY_COLOUR
 from .records import plural
-from .words import action_counts, as_text, describe, fmt, stretches, verdict
+from .words import action_counts, as_text, describe, fmt, leads, stretches, verdict
 
 __all__ = ["SCHEMA", "Note", "ReportError", "Run", "figures", "load_run", "render", "report_command", "summary",
            "write_report"]
@@ -59,6 +61,17 @@ def _diagnosis_rows(run: Run) -> str:
             "<th>what to do</th></tr>" + "".join(rows) + "</table>")
 
 
+def _leads(run: Run) -> str:
+    """Each kind of problem in one line, in the order found: when, what, in which layers, what to do."""
+    items = []
+    for x in leads(run):
+        sev = x["severity"] if x["severity"] in SEVERITY_COLOUR else "unknown"
+        where = f" in <b>{esc(x['where'])}</b>" if x["where"] else ""
+        fix = f"<br><span class=todo>What to do: {esc(x['fix'])}</span>" if x["fix"] else ""
+        items.append(f"<li><b class={sev}>{esc(x['when'])}: {esc(x['kind'])}</b>{where}. {esc(x['what'])}{fix}</li>")
+    return f"<ol class=leads>{''.join(items)}</ol><p class=judged>What was judged:</p>" if items else ""
+
+
 def _actions_section(run: Run) -> str:
     if not run.actions:
         return ""
@@ -82,11 +95,17 @@ FIGURES = (
     ("norm", "Gradient norm", "The L2 norm of all gradients together at each logged step, as gradguard measured "
      "it (before gradguard's own clipping; the dashed line is its threshold when it clipped). Vertical lines: "
      "diagnoses, coloured by severity; grey bands: steps gradguard skipped; dotted: learning-rate changes and "
-     "rollbacks; red \u25bc on the top edge: NaN or Inf."),
+     "rollbacks; red \u25bc on the top edge: NaN or Inf; hollow \u25c7: the value a diagnosis reported at a step "
+     "between two logged ones."),
     ("loss", "Loss", "As passed to guard.observe_loss (absent when the loss was not observed); red \u25bc on the "
-     "top edge: NaN or Inf."),
+     "top edge: NaN or Inf; hollow \u25c7: the value a diagnosis reported at a step between two logged ones."),
     ("flow", "Gradient flow per layer", "Each layer's gradient norm (first layer at the top) at a few steps, one "
      "colour per step. Norms that shrink toward the top are vanishing gradients; norms that grow, exploding."),
+    ("time", "Gradient through time", "For each recurrent layer (RNN, LSTM, GRU): the gradient that reaches one "
+     "time step of its input, averaged over the first 10% of the sequence (solid) and over the last 10% (dashed), "
+     "at sampled steps (log scale). A solid line far below its dashed one is vanishing through time: the start of "
+     "each sequence barely affects learning (gradguard warns below 1e-3x). Lines that come together: the layer "
+     "learned to carry the gradient back, and the warning no longer holds."),
     ("heatmap", "Gradient norms, steps x layers", "log10 of each layer's gradient norm at every logged step. Grey "
      "cells: the layer had no gradient (unused at that step, or exactly zero); red cells: NaN or Inf."),
     ("update", "Update-to-weight ratio", "How much one optimizer step changes a layer's weights, relative to their "
@@ -107,7 +126,8 @@ dd { margin: 0; overflow-wrap: break-word; min-width: 0; }
 .verdict { border-left: 5px solid #999; padding: 0.3em 1em; background: #f7f7f7; }
 .verdict.error { border-color: #c0392b; } .verdict.warning { border-color: #d68910; }
 .verdict.info { border-color: #2874a6; } .verdict.ok { border-color: #1e8449; }
-.verdict ul { color: #222; font-weight: normal; }
+.verdict ul, .verdict ol, .judged { color: #222; font-weight: normal; }
+.leads li { margin: 0.5em 0; } .todo { color: #1e8449; } .judged { margin: 0.8em 0 0; color: #555; }
 """
 
 
@@ -147,7 +167,7 @@ def render(run: Run) -> str:
 <dt>run directory</dt><dd>{esc(str(run.path))}</dd>
 {f"<dt>clipping</dt><dd>at norm {esc(fmt(fixed))}</dd>" if fixed is not None else ""}</dl>
 <section class="verdict {css}"><h2 class={css}>{esc(head)}</h2>
-<ul>{"".join(f"<li>{esc(x)}</li>" for x in findings)}</ul></section>
+{_leads(run)}<ul>{"".join(f"<li>{esc(x)}</li>" for x in findings)}</ul></section>
 {_notes_section(run.notes)}
 <section><h2>Diagnoses</h2>{diagnoses}</section>
 {_actions_section(run)}

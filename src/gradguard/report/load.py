@@ -307,3 +307,13 @@ def update_samples(run: Run) -> list[tuple[int, dict[str, float | None]]]:
             step = r["sample_step"] if r["sample_step"] is not None else r["step"]
             out[step] = r["update_ratio"]
     return sorted(out.items())
+
+
+def time_samples(run: Run) -> dict[str, list[tuple[int, float | None, float | None, int | None]]]:
+    """Per recurrent module, ``(step, early, late, time steps)`` for each sampled step, in step order: the gradient
+    reaching the first and the last 10% of the time steps of its input (the stats lines' ``time_grad``)."""
+    out: dict[str, dict[int, tuple[int, float | None, float | None, int | None]]] = {}
+    for r in run.stats:
+        for module, t in r.get("time_grad", {}).items():
+            out.setdefault(module, {})[t["step"]] = (t["step"], t["early"], t["late"], t["time_steps"])
+    return {m: [v for _, v in sorted(by_step.items())] for m, by_step in out.items()}

@@ -12,7 +12,7 @@ import math
 import platform
 import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -48,11 +48,13 @@ class Outputs:
         self.sinks: list[Sink] = []
         self.stats_sink: JsonlSink | None = None
         self.idle: list[Sink] = []  # the user's sinks on ranks other than 0: closed, never written
+        self.console: ConsoleSink | None = None
         for sink in sinks:
             if not (callable(getattr(sink, "write", None)) and callable(getattr(sink, "close", None))):
                 raise TypeError(f"a sink needs write(record) and close() methods; got {type(sink).__name__}")
         if console:
-            self.sinks.append(ConsoleSink(None if console is True else console))
+            self.console = ConsoleSink(None if console is True else console)
+            self.sinks.append(self.console)
         self.log_dir = Path(log_dir) if log_dir is not None else None
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -65,6 +67,11 @@ class Outputs:
 
     @property
     def wants_stats(self) -> bool:
+        """Whether ``stats`` has anywhere to go: a stats file, a user's sink, or a console waiting for the run to
+        get past a stretch of skips or clips (its summary line is printed at a statistics read)."""
+        return self._wants_record() or (self.console is not None and self.console.waiting)
+
+    def _wants_record(self) -> bool:
         return self.stats_sink is not None or len(self.sinks) > self._own
 
     def diagnosis(self, d: Diagnosis) -> None:
@@ -78,6 +85,11 @@ class Outputs:
 
     def stats(self, h: History, rows: np.ndarray, script_max_norm: float | None = None) -> None:
         """One statistics record for the rows of this read (``script_max_norm``: the script's own clip)."""
+        console = self.console
+        if console is not None and console in self.sinks:
+            self._guarded(console, lambda: console.at_step(int(h.steps[-1])))
+        if not self._wants_record():
+            return
         record = stats_record(h, rows, script_max_norm)
         if self.stats_sink is not None:
             self._write(self.stats_sink, record)
@@ -87,9 +99,15 @@ class Outputs:
     def _write(self, sink: Sink, record: dict[str, Any]) -> None:
         """A failing sink (a full disk, a tracker that went away) costs its own records only: it is dropped with one
         warning, and guarding and the other sinks go on."""
+        self._guarded(sink, lambda: sink.write(record))
+
+    def _guarded(self, sink: Sink, call: Callable[[], None]) -> None:
+        """Run ``call`` on ``sink``; when it fails, drop the sink (see ``_write``)."""
         try:
-            sink.write(record)
+            call()
         except Exception as e:
+            if sink is self.console:
+                self.console = None
             if sink is self.stats_sink:
                 self.stats_sink = None
             else:
@@ -99,7 +117,7 @@ class Outputs:
                     self._own -= 1
             self.idle.append(sink)  # still closed at the end
             warnings.warn(f"gradguard stopped writing to {type(sink).__name__} after it failed ({type(e).__name__}: "
-                          f"{e}); monitoring and repair go on", SinkWarning, stacklevel=2)
+                          f"{e}); monitoring and repair go on", SinkWarning, stacklevel=3)
 
     def close(self) -> None:
         for s in self.sinks + self.idle + ([self.stats_sink] if self.stats_sink is not None else []):
@@ -142,7 +160,30 @@ def stats_record(h: History, rows: np.ndarray, script_max_norm: float | None = N
         # None only when not measured (ABSENT) or undefined (zero weights); a NaN update stays NaN.
         rec["update_ratio"] = {n: (None if uu < 0 or ww <= 0 else float(uu / ww))
                                for n, ww, uu in zip(names, w, u)}
+    times = time_grad(h, int(h.steps[-len(rows)]) if len(rows) <= len(h.steps) else None)
+    if times:
+        rec["time_grad"] = times
     return rec
+
+
+def time_grad(h: History, since: int | None) -> dict[str, dict[str, float | int]]:
+    """The gradient reaching the first and the last time steps of each recurrent module, at its newest sample
+    taken at a step of this read (the ``time_grad`` field of a stats line).
+
+    Args:
+        h: the history (``h.times``: (step, module, early, late, time steps)).
+        since: the first step of this read (None: every sample kept).
+
+    Returns:
+        ``{module: {"step", "early", "late", "time_steps"}}``: ``early`` and ``late`` are the mean L2 norm of the
+        gradient reaching one time step of the input, over the first and the last 10% of its ``time_steps``.
+    """
+    out: dict[str, dict[str, float | int]] = {}
+    last = int(h.steps[-1])
+    for step, name, early, late, steps in h.times:
+        if (since is None or step >= since) and step <= last:
+            out[name] = {"step": int(step), "early": float(early), "late": float(late), "time_steps": int(steps)}
+    return out
 
 
 def run_meta(version: str, model: str | None, optimizer: str | None, layers: list[tuple[str, int]],

@@ -1,6 +1,7 @@
 """The report's plots, drawn from a ``Run`` (``gradguard.report.load``), as base64 PNGs: the gradient norm
 (before clipping, with the clip threshold) and the loss over time with diagnoses and actions, gradient flow per
-layer, a steps x layers heatmap and update-to-weight ratios. Helpers and what they promise: ``plotting``.
+layer, the gradient reaching the first and last time steps of recurrent layers, a steps x layers heatmap and
+update-to-weight ratios. Helpers and what they promise: ``plotting``.
 """
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .load import Run, clip_threshold, update_samples
+from .load import Run, clip_threshold, time_samples, update_samples
 from .plotting import (
     NONFINITE_COLOUR,
     SEVERITY_COLOUR,
@@ -27,6 +28,7 @@ from .plotting import (
     series,
     step_axis,
 )
+from .records import number
 
 ABSENT_COLOUR = "#d9d9d9"
 ACTION_COLOUR = "#7d3c98"
@@ -64,6 +66,29 @@ def _events(ax: Any, run: Run) -> list[Any]:
     return handles
 
 
+def _reported(run: Run, keys: tuple[str, ...], logged: list[int]) -> list[tuple[int, float]]:
+    """``(step, value)``: what exploding and non-finite diagnoses reported at their own step (the first of ``keys``
+    in their evidence that is a finite number), for steps without a statistics line. A run can blow up within one
+    read: its first line already non-finite, the explosion the diagnosis describes would not be drawn at all."""
+    seen = set(logged)
+    out: dict[int, float] = {}
+    for d in run.diagnoses:
+        if d["kind"] not in ("exploding", "nonfinite") or d["step"] in seen:
+            continue
+        for key in keys:
+            value, ok = number(d["evidence"].get(key))
+            if ok and value is not None and math.isfinite(value):
+                out.setdefault(d["step"], value)
+                break
+    return sorted(out.items())
+
+
+def _draw_reported(ax: Any, points: list[tuple[int, float]], colour: str) -> None:
+    if points:
+        ax.plot([s for s, _ in points], [v for _, v in points], ls="none", marker="D", ms=5, mfc="white",
+                color=colour, label="between logged steps, as a diagnosis reported it")
+
+
 def _norm_figure(run: Run, steps: list[int]) -> Any:
     """The total gradient norm over time (before clipping), its peak between reads, the clip threshold."""
     fig, ax = new_figure(10, 3.4)
@@ -74,6 +99,8 @@ def _norm_figure(run: Run, steps: list[int]) -> Any:
         series(ax, steps, peak, "#aab7b8", "largest since the previous point", lw=1)
     what = "gradient norm before clipping" if points else "total gradient norm"
     series(ax, steps, total, "#1f618d", what)
+    reported = _reported(run, ("total_grad_norm", "grad_norm"), steps)
+    _draw_reported(ax, reported, "#1f618d")
     if fixed is not None:
         ax.axhline(fixed, color="#e67e22", ls="--", lw=1.2, label=f"clip threshold {fixed:.3g} "
                                                                     f"({len(points)} steps clipped)")
@@ -81,10 +108,10 @@ def _norm_figure(run: Run, steps: list[int]) -> Any:
         ax.plot([p[0] for p in points], [p[1] for p in points], ls="none", marker="_", ms=8, color="#e67e22",
                 label=f"clip threshold at each clipped step ({len(points)} steps)")
     # Log only over more than a decade: over less, a log axis only makes the tick labels hard to read.
-    log_if_positive(ax, total + peak + [p[1] for p in points], span=1)
+    log_if_positive(ax, total + peak + [p[1] for p in points] + [v for _, v in reported], span=1)
     mark_nonfinite(ax, steps, total, "gradient norm")
     handles = _events(ax, run)
-    step_axis(ax, steps)
+    step_axis(ax, sorted(set(steps) | {s for s, _ in reported}))
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("L2 norm over all layers")
     legend_below(fig, ax, handles)
@@ -97,11 +124,16 @@ def _loss_figure(run: Run, steps: list[int]) -> Any | None:
     if not any(v is not None for v in loss):
         return None
     fig, ax = new_figure(10, 2.8)
-    series(ax, steps, loss, "#117a65", "loss")
-    log_if_positive(ax, loss, span=3)  # a divergence would flatten everything else to a line
+    drawn = series(ax, steps, loss, "#117a65", "loss")
+    reported = _reported(run, ("loss",), steps)
+    _draw_reported(ax, reported, "#117a65")
+    if not drawn and not reported:  # an axis of made-up numbers around nothing would mislead
+        ax.set_yticks([])
+        ax.text(0.5, 0.45, "no finite loss value was logged", transform=ax.transAxes, ha="center", color="#555")
+    log_if_positive(ax, loss + [v for _, v in reported], span=3)  # a divergence would flatten the rest to a line
     mark_nonfinite(ax, steps, loss, "loss")
     handles = _events(ax, run)
-    step_axis(ax, steps)
+    step_axis(ax, sorted(set(steps) | {s for s, _ in reported}))
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     legend_below(fig, ax, handles)
@@ -268,8 +300,50 @@ def _update_figure(run: Run, layers: list[str]) -> Any | None:
     return fig
 
 
+def _time_figure(run: Run) -> Any | None:
+    """The gradient reaching the first and the last 10% of the time steps of each recurrent module, at sampled
+    steps, on a log axis: a gap that opens is vanishing through time, one that closes is the module learning to
+    carry the gradient back. None when the run has no recurrent module."""
+    samples = time_samples(run)
+    if not samples:
+        return None
+    from matplotlib import colormaps
+
+    palette = colormaps["tab10"]
+    fig, ax = new_figure(10, 3.4)
+    values: list[float | None] = []
+    xs_all: set[int] = set()
+    for k, (module, points) in enumerate(samples.items()):
+        xs = [p[0] for p in points]
+        early, late = [p[1] for p in points], [p[2] for p in points]
+        xs_all.update(xs)
+        values += early + late
+        _, e, lt, steps = points[-1]
+        span = f" of its {steps} time steps" if steps else " of its time steps"
+        ratio = e / lt if e is not None and lt is not None and lt > 0 else math.nan
+        now = f"; at step {xs[-1]}: {ratio:.2g}x the last" if math.isfinite(ratio) else ""
+        series(ax, xs, early, palette(k % 10), f"{label(module)}: first 10%{span}{now}", positive_only=True)
+        series(ax, xs, late, palette(k % 10), f"{label(module)}: last 10%", lw=1, positive_only=True, ls="--")
+        zero = [x for x, v in zip(xs, early) if v == 0]
+        if zero:  # below float32's range: no place on a log axis, so on the bottom edge
+            ax.plot(zero, [0.0] * len(zero), ls="none", marker="^", ms=6, mfc="none", color=palette(k % 10),
+                    transform=ax.get_xaxis_transform(), clip_on=False,
+                    label=f"{label(module)}: 0 (below float32 range)")
+    log_if_positive(ax, [v for v in values if v is None or v > 0])
+    bad = {x for pts in samples.values() for x, e, lt, _ in pts if nonfinite(e) or nonfinite(lt)}
+    xs_sorted = sorted(xs_all)
+    mark_nonfinite(ax, xs_sorted, [math.nan if x in bad else 1.0 for x in xs_sorted], "gradient")
+    handles = _events(ax, run)
+    step_axis(ax, sorted({r["step"] for r in run.stats} | xs_all))
+    ax.set_xlabel("optimizer step (sampled steps)")
+    ax.set_ylabel("gradient norm per time step")
+    legend_below(fig, ax, handles)
+    return fig
+
+
 def draw(run: Run) -> dict[str, Any]:
-    """The report's plots as matplotlib Figures, keyed by section ("norm", "loss", "flow", "heatmap", "update");
+    """The report's plots as matplotlib Figures, keyed by section ("norm", "loss", "flow", "time", "heatmap",
+    "update");
     empty when the run recorded no step. Call inside ``quiet_matplotlib()`` (``figures`` does).
 
     Raises:
@@ -286,6 +360,9 @@ def draw(run: Run) -> dict[str, Any]:
         figs["loss"] = loss
     if layers:
         figs["flow"] = _flow_figure(run, layers)
+        time = _time_figure(run)
+        if time is not None:
+            figs["time"] = time
         figs["heatmap"] = _heatmap_figure(run, layers, steps)
         update = _update_figure(run, layers)
         if update is not None:

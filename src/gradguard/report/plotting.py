@@ -96,14 +96,14 @@ def nonfinite(v: float | None) -> bool:
 
 
 def series(ax: Any, steps: Sequence[int], values: Sequence[float | None], colour: Any, name: str,
-            lw: float = 1.5, positive_only: bool = False) -> bool:
+           lw: float = 1.5, positive_only: bool = False, ls: str = "-") -> bool:
     """Draw one series: a line through consecutive finite values (broken at gaps and NaN/Inf, which
     ``_mark_nonfinite`` marks), with a marker on every point of a short series and on each point of a long one
-    that has no finite neighbour. Returns True if anything finite was drawn."""
+    that has no finite neighbour (``ls``: the line style). Returns True if anything finite was drawn."""
     ok = [v is not None and math.isfinite(v) and (not positive_only or v > 0) for v in values]
     ys = [v if good else math.nan for v, good in zip(values, ok)]  # NaN breaks the line: no line across a gap
     many = sum(ok) > 80  # a marker on every point of a long series only blurs it
-    ax.plot(steps, ys, color=colour, lw=lw, label=name, marker=None if many else "o", ms=2.5)
+    ax.plot(steps, ys, color=colour, lw=lw, ls=ls, label=name, marker=None if many else "o", ms=2.5)
     lone = [i for i in range(len(ys)) if ok[i] and not (i > 0 and ok[i - 1]) and not (i + 1 < len(ys) and ok[i + 1])]
     if lone and many:  # lone points of a long series: the line has no length there, so mark them
         ax.plot([steps[i] for i in lone], [ys[i] for i in lone], ls="none", marker="o", ms=3.5, color=colour)

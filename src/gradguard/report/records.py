@@ -4,7 +4,8 @@ Values come back normalised, so the plotting and HTML code never meet a wrong ty
 
 - a stats line: a dict with ``step`` (int), ``line`` (int), the scalar fields as ``float`` (NaN/Inf kept) or
   ``None`` (absent), ``grad_norm`` / ``weight_norm`` / ``update_ratio`` as ``{layer: float | None}`` (always
-  present, maybe empty), ``sample_step`` as ``int | None``;
+  present, maybe empty), ``sample_step`` as ``int | None``, ``time_grad`` as ``{module: {"step": int, "early",
+  "late": float | None, "time_steps": int | None}}`` (always present, maybe empty);
 - an events line: a dict with ``type`` ("diagnosis" or "action"), ``kind`` (str), ``step`` (int), ``line`` (int);
   diagnoses also ``severity``, ``message`` (str), ``layers``, ``remedies`` (list of str), ``evidence`` (dict);
   actions ``detail`` (dict).
@@ -158,7 +159,43 @@ def stats_row(obj: dict[str, Any], name: str, i: int, notes: list[Note]) -> dict
     if sample is not None and row["sample_step"] is None:
         notes.append(Note(name, i, f"sample_step {not_whole(sample)}; the sampled values are "
                                    f"drawn at step {step}"))
+    row["time_grad"] = time_grad(obj.get("time_grad"), step, name, i, notes)
     return row
+
+
+def time_grad(raw: Any, step: int, name: str, i: int, notes: list[Note]) -> dict[str, dict[str, Any]]:
+    """The ``time_grad`` field of a stats line: ``{module: {"step": int, "early": float | None, "late": float | None,
+    "time_steps": int | None}}``; a module entry that is not an object is left out, with a note.
+
+    Args:
+        raw: the field as read (None when absent). step: the line's step (a sample without its own is drawn there).
+        name, i: the file and line, for notes. notes: where notes go.
+
+    Returns:
+        The modules' samples (empty when absent or unusable).
+    """
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        notes.append(Note(name, i, f"time_grad is {kind_of(raw)} ({show(raw)}), not an object of modules; ignored"))
+        return {}
+    out: dict[str, dict[str, Any]] = {}
+    bad = []
+    for module, entry in raw.items():
+        if not isinstance(entry, dict):
+            bad.append(f"{show(module)}: {show(entry, 20)}")
+            continue
+        early, ok_early = number(entry.get("early"))
+        late, ok_late = number(entry.get("late"))
+        if not (ok_early and ok_late):
+            bad.append(f"{show(module)}: {show(entry, 30)}")
+        at = whole(entry.get("step"))
+        out[module] = {"step": at if at is not None else step, "early": early, "late": late,
+                       "time_steps": whole(entry.get("time_steps"))}
+    if bad:
+        notes.append(Note(name, i, f"time_grad has entries that are not samples ({', '.join(bad[:3])}"
+                                   f"{', ...' if len(bad) > 3 else ''}); read as absent"))
+    return out
 
 
 def strings(x: Any) -> tuple[list[str], bool]:

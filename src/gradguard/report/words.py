@@ -49,8 +49,13 @@ def as_text(x: Any) -> str:
 
 
 def _steps_text(first: int, last: int, count: int) -> str:
-    """Where a stretch of actions happened: "step 7" or "204 steps, 11\u2013214"."""
-    return f"step {first}" if first == last else f"{count:,} steps, {first}\u2013{last}"
+    """Where a stretch of actions happened: "step 7", "204 steps, 11\u2013214", or "103 of the 162 steps
+    8\u2013169" when it has gaps."""
+    if first == last:
+        return f"step {first}"
+    span = last - first + 1
+    return f"{count:,} steps, {first}\u2013{last}" if count == span else \
+        f"{count:,} of the {span:,} steps {first}\u2013{last}"
 
 
 # ---------------------------------------------------------------------------------------------------- actions
@@ -87,20 +92,36 @@ def _numbers(actions: list[dict[str, Any]], key: str) -> list[float]:
     return out
 
 
+def stretch_text(kind: str, detail: dict[str, Any], first: int, last: int, count: int,
+                 norms: tuple[list[float], list[float]] = ([], [])) -> str:
+    """A stretch of skips or clips in words, from what a live console keeps of it (not every action).
+
+    Args:
+        kind: "skip_step" or "clip". detail: the first action's detail. first, last: its first and last step.
+        count: how many actions it holds. norms: (clips) the norms before and after clipping: any subset of them
+            that holds the smallest and largest finite value and, if there was one, a non-finite value.
+
+    Returns:
+        "skipped 204 steps, 11–214: non-finite gradients", "clipped step 7 (norm): gradient norm 5.46 cut to 1".
+    """
+    where = _steps_text(first, last, count)
+    if kind == "skip_step":
+        why = detail.get("why")
+        fused = " (a fused optimizer: skipped on the device)" if detail.get("fused") else ""
+        return f"skipped {where}" + (f": {fmt(why)}" if why else "") + fused
+    method = str(detail.get("method", "")).replace("_", " ")
+    before, after = norms
+    cut = f": gradient norm {_range(before)} cut to {_range(after)}" if before and after else ""
+    return f"clipped {where}" + (f" ({method})" if method else "") + cut
+
+
 def describe(kind: str, acts: list[dict[str, Any]]) -> str:
     """One stretch of actions of one kind (consecutive steps) in words."""
     first, last = acts[0]["step"], acts[-1]["step"]
     where = _steps_text(first, last, len(acts))
     d = acts[0]["detail"]
-    if kind == "skip_step":
-        why = d.get("why")
-        fused = " (a fused optimizer: skipped on the device)" if d.get("fused") else ""
-        return f"skipped {where}" + (f": {fmt(why)}" if why else "") + fused
-    if kind == "clip":
-        method = str(d.get("method", "")).replace("_", " ")
-        before, after = _numbers(acts, "norm"), _numbers(acts, "clipped_norm")
-        cut = f": gradient norm {_range(before)} cut to {_range(after)}" if before and after else ""
-        return f"clipped {where}" + (f" ({method})" if method else "") + cut
+    if kind in GROUPED:
+        return stretch_text(kind, d, first, last, len(acts), (_numbers(acts, "norm"), _numbers(acts, "clipped_norm")))
     if kind == "lr_backoff":
         why = f": {fmt(d['why'])}" if d.get("why") else ""
         return (f"lowered the learning rate to {_lr(d.get('lr_multiplier'))} (was {_lr(d.get('was'), '')}) "
@@ -113,26 +134,44 @@ def describe(kind: str, acts: list[dict[str, Any]]) -> str:
                 f"learning rate now {_lr(d.get('lr_multiplier'))}")
         if d.get("rollbacks") is not None:
             text += f" (rollback {fmt(d['rollbacks'])})"
+        if d.get("why"):
+            text += f": {fmt(d['why'])}"
         return text + (f". {fmt(d['stopped'])}" if d.get("stopped") else "")
     rest = _words(d)
     return f"{kind.replace('_', ' ')} at {where}" + (f": {rest}" if rest else "")
 
 
 GROUPED = ("skip_step", "clip")  # one per step: shown as stretches. The others are rare and each one matters.
+#: Skips or clips this many steps apart or closer form one stretch ("103 of the 162 steps 8\u2013169"): a run that
+#: clips most steps of a stretch is one story, not a line per gap.
+GAP = 10
+
+
+def stretch_key(action: dict[str, Any]) -> tuple[str, str]:
+    """What skips or clips of one stretch share: their kind, and their reason (skips) or method (clips).
+
+    Args:
+        action: an action record (``kind``, ``detail``).
+
+    Returns:
+        ``(kind, reason or method)``.
+    """
+    d = action["detail"]
+    return action["kind"], fmt(d.get("why", d.get("method", "")))
 
 
 def stretches(actions: list[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any]]]]:
-    """Actions as ``(kind, actions)`` stretches in step order: skips and clips of consecutive steps (with the same
-    reason or method) form one stretch; every other action is its own."""
+    """Actions as ``(kind, actions)`` stretches in step order: skips and clips (with the same reason or method) at
+    most ``GAP`` steps apart form one stretch; every other action is its own."""
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     out: list[tuple[str, list[dict[str, Any]]]] = []
     for a in sorted(actions, key=lambda a: a["step"]):
         if a["kind"] not in GROUPED:
             out.append((a["kind"], [a]))
             continue
-        key = (a["kind"], fmt(a["detail"].get("why", a["detail"].get("method", ""))))
+        key = stretch_key(a)
         run = groups.get(key)
-        if run is not None and a["step"] - run[-1]["step"] <= 1:
+        if run is not None and a["step"] - run[-1]["step"] <= GAP:
             run.append(a)
         else:
             run = [a]
@@ -143,12 +182,24 @@ def stretches(actions: list[dict[str, Any]]) -> list[tuple[str, list[dict[str, A
 
 def action_counts(actions: list[dict[str, Any]]) -> str:
     """How many of each action, in words: "204 steps skipped, 30 steps clipped, 1 rollback"."""
-    names = {"skip_step": ("step skipped", "steps skipped"), "clip": ("step clipped", "steps clipped"),
-             "lr_backoff": ("learning-rate backoff", "learning-rate backoffs"),
-             "lr_restore": ("learning-rate restore", "learning-rate restores"), "rollback": ("rollback", "rollbacks")}
     counts: dict[str, int] = {}
     for a in sorted(actions, key=lambda a: a["step"]):  # in the order they first happened
         counts[a["kind"]] = counts.get(a["kind"], 0) + 1
+    return count_words(counts)
+
+
+def count_words(counts: dict[str, int]) -> str:
+    """Counts of actions by kind in words, in the order given: "204 steps skipped, 1 rollback".
+
+    Args:
+        counts: {action kind: how many}.
+
+    Returns:
+        The counts joined by commas (empty for no counts).
+    """
+    names = {"skip_step": ("step skipped", "steps skipped"), "clip": ("step clipped", "steps clipped"),
+             "lr_backoff": ("learning-rate backoff", "learning-rate backoffs"),
+             "lr_restore": ("learning-rate restore", "learning-rate restores"), "rollback": ("rollback", "rollbacks")}
     parts = []
     for kind, n in counts.items():
         one, many = names.get(kind, (kind.replace("_", " "), kind.replace("_", " ")))
@@ -264,3 +315,28 @@ def verdict(run: Run) -> tuple[str, list[str], str]:
     if n_steps < window:
         return f"No diagnoses in {n_steps:,} steps (a short run: trends judged only in part)", lines, "info"
     return "No diagnoses: healthy as far as the gradients show", lines, "ok"
+
+
+def first_sentence(text: str) -> str:
+    """The first sentence of a message (up to its first ". "), for a line read at a glance."""
+    head, sep, _ = text.partition(". ")
+    return head + "." if sep else text
+
+
+def leads(run: Run) -> list[dict[str, str]]:
+    """What a reader takes in first, one entry per diagnosis kind in the order the kinds first appeared, from its
+    first diagnosis: ``severity``, ``when`` ("step 109"), ``kind``, ``where`` (the layers named, most implicated
+    first), ``what`` (the first sentence of its message) and ``fix`` (its first remedy; empty when it has none).
+    A consequence names its cause in its first remedy (``gradguard.detect.advice``), so the first entry whose fix
+    is not about an earlier diagnosis is the one to act on."""
+    out: list[dict[str, str]] = []
+    seen: set[str] = set()
+    for d in sorted(run.diagnoses, key=lambda d: d["step"]):
+        if d["kind"] in seen:
+            continue
+        seen.add(d["kind"])
+        names = [n or "(root)" for n in d["layers"]]
+        where = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        out.append({"severity": d["severity"], "when": f"step {d['step']}", "kind": d["kind"], "where": where,
+                    "what": first_sentence(d["message"]), "fix": d["remedies"][0] if d["remedies"] else ""})
+    return out
