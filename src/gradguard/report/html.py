@@ -97,8 +97,9 @@ FIGURES = (
      "diagnoses, coloured by severity; grey bands: steps gradguard skipped; dotted: learning-rate changes and "
      "rollbacks; red \u25bc on the top edge: NaN or Inf; hollow \u25c7: the value a diagnosis reported at a step "
      "between two logged ones."),
-    ("loss", "Loss", "As passed to guard.observe_loss (absent when the loss was not observed); red \u25bc on the "
-     "top edge: NaN or Inf; hollow \u25c7: the value a diagnosis reported at a step between two logged ones."),
+    ("loss", "Loss", "The loss of each logged step: what the script called .backward() on, or what it passed to "
+     "guard.observe_loss (absent when neither was seen); red \u25bc on the top edge: NaN or Inf; hollow "
+     "\u25c7: the value a diagnosis reported at a step between two logged ones."),
     ("flow", "Gradient flow per layer", "Each layer's gradient norm (first layer at the top) at a few steps, one "
      "colour per step. Norms that shrink toward the top are vanishing gradients; norms that grow, exploding."),
     ("time", "Gradient through time", "For each recurrent layer (RNN, LSTM, GRU): the gradient that reaches one "
