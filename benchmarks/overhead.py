@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 import gradguard as gg
+from gradguard.stats import script_hooks
 
 LossOf = Callable[[nn.Module], Callable[[], torch.Tensor]]
 
@@ -101,7 +102,17 @@ def variants(base: nn.Module, loss_of: LossOf, suite: str) -> dict[str, Callable
                 zc.step(model)
             opt.step()
 
-        out[name] = step
+        def unwatched_step() -> None:
+            # The other variants' Guards listen to every backward and clip in this process (gradguard wraps
+            # torch.autograd.backward and clip_grad_norm_'s internals while any Guard listens): a variant without
+            # a Guard must not pay for them, as it would not in a process of its own.
+            script_hooks._local.busy = True
+            try:
+                step()
+            finally:
+                script_hooks._local.busy = False
+
+        out[name] = step if guard is not None else unwatched_step
 
     if suite == "tiny":  # the fixed per-step cost: every Guard mode against clip_grad_norm_
         make("plain", None, None)
