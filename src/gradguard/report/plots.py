@@ -109,13 +109,7 @@ def _norm_figure(run: Run, steps: list[int]) -> Any:
                 label=f"clip threshold at each clipped step ({len(points)} steps)")
     # Log only over more than a decade: over less, a log axis only makes the tick labels hard to read.
     log_if_positive(ax, total + peak + [p[1] for p in points] + [v for _, v in reported], span=1)
-    mark_nonfinite(ax, steps, total, "gradient norm")
-    handles = _events(ax, run)
-    step_axis(ax, sorted(set(steps) | {s for s, _ in reported}))
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("L2 norm over all layers")
-    legend_below(fig, ax, handles)
-    return fig
+    return _finish_over_steps(fig, ax, run, steps, reported, total, "gradient norm", "L2 norm over all layers")
 
 
 def _loss_figure(run: Run, steps: list[int]) -> Any | None:
@@ -131,11 +125,17 @@ def _loss_figure(run: Run, steps: list[int]) -> Any | None:
         ax.set_yticks([])
         ax.text(0.5, 0.45, "no finite loss value was logged", transform=ax.transAxes, ha="center", color="#555")
     log_if_positive(ax, loss + [v for _, v in reported], span=3)  # a divergence would flatten the rest to a line
-    mark_nonfinite(ax, steps, loss, "loss")
+    return _finish_over_steps(fig, ax, run, steps, reported, loss, "loss", "loss")
+
+
+def _finish_over_steps(fig: Any, ax: Any, run: Run, steps: list[int], reported: list[tuple[int, float]],
+                       values: list[Any], what: str, ylabel: str) -> Any:
+    """What a plot over the optimizer steps ends with: non-finite marks, events, the step axis, labels, legend."""
+    mark_nonfinite(ax, steps, values, what)
     handles = _events(ax, run)
     step_axis(ax, sorted(set(steps) | {s for s, _ in reported}))
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss")
+    ax.set_ylabel(ylabel)
     legend_below(fig, ax, handles)
     return fig
 
