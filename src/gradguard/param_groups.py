@@ -36,23 +36,31 @@ def adopt_new_groups(wiring: Any) -> list[str]:
     wiring.drain_safely()  # rows queued in the old layout go to the host first (a host read; once per change)
     layers = wiring.recorder.layers
     fresh = build_layer_map(wiring.model, wiring.optimizer)
-    added = _extend(layers, fresh)
+    known = set(layers.names)
+    old_to_new = _extend(layers, fresh)
     wiring.recorder.reset_norms()
     wiring.repairer.reset_layout()
     h = wiring.judge.history
     if h is not None:
-        _widen_history(h, layers, added)
+        _widen_history(h, layers, old_to_new)
     ladder = wiring.repairer.ladder
     if ladder is not None and wiring.optimizer is not None:
         ladder.snapshot = ladder.initial = None
         ladder.take_snapshot(wiring.model, wiring.optimizer, wiring.recorder.step, initial=True)
     wiring.groups_seen = group_count(wiring)
-    return added
+    return [n for n in layers.names if n not in known]
 
 
-def _extend(layers: LayerMap, fresh: LayerMap) -> list[str]:
-    """Make ``layers`` track ``fresh``'s parameters, in place: known layers keep their place, new ones follow."""
-    names = list(layers.names) + [n for n in fresh.names if n not in layers.names]
+def _extend(layers: LayerMap, fresh: LayerMap) -> list[int]:
+    """Make ``layers`` track ``fresh``'s parameters, in place. Known layers keep their order (forward order once
+    known); a new layer goes before the first known layer registered after it, so depth still reads top to bottom
+    (an unfrozen first layer is the earliest layer, not the last). Returns where each old layer went."""
+    reg = {n: i for i, n in enumerate(fresh.names)}
+    names = list(layers.names)
+    for n in fresh.names:
+        if n not in names:
+            at = next((j for j, m in enumerate(names) if reg.get(m, len(reg)) > reg[n]), len(names))
+            names.insert(at, n)
     where = {n: i for i, n in enumerate(names)}
     modules = {n: m for n, m in zip(fresh.names, fresh.modules)}
     modules.update(zip(layers.names, layers.modules))
@@ -62,22 +70,27 @@ def _extend(layers: LayerMap, fresh: LayerMap) -> list[str]:
         i = where[fresh.names[li]]
         layer_of.append(i)
         numel[i] += p.numel()
-    added = names[len(layers.names):]
+    old_to_new = [where[n] for n in layers.names]
     layers.names, layers.params, layers.param_names = names, fresh.params, fresh.param_names
     layers.layer_of, layers.numel, layers.modules = layer_of, numel, [modules[n] for n in names]
-    return added
+    return old_to_new
 
 
-def _widen_history(h: History, layers: LayerMap, added: list[str]) -> None:
-    """New columns for the new layers: absent in every earlier row and sample."""
-    k = len(added)
+def _widen_history(h: History, layers: LayerMap, old_to_new: list[int]) -> None:
+    """Columns in the new layout: the new layers absent in every earlier row and sample."""
+    width = len(layers.names)
+
+    def place(a: np.ndarray, fill: float) -> np.ndarray:
+        out = np.full((*a.shape[:-1], width), fill, dtype=a.dtype)
+        out[..., old_to_new] = a
+        return out
+
     h.layers = list(layers.names)
     h.numel = np.asarray(layers.numel, dtype=np.float64)
-    h.embedding = np.concatenate([h.embedding, np.zeros(k, dtype=bool)])
-    if k:
-        h.grad = np.concatenate([h.grad, np.full((len(h.grad), k), ABSENT, dtype=h.grad.dtype)], axis=1)
-        h.first_grads = [np.concatenate([g, np.full(k, ABSENT)]) for g in h.first_grads]
-        for lst in (h.weight, h.update, h.after):
-            lst[:] = [None if a is None else np.concatenate([a, np.full(k, ABSENT)]) for a in lst]
+    h.embedding = place(np.asarray(h.embedding, dtype=bool), False)
+    h.grad = place(h.grad, ABSENT)
+    h.first_grads = [place(g, ABSENT) for g in h.first_grads]
+    for lst in (h.weight, h.update, h.after):
+        lst[:] = [None if a is None else place(np.asarray(a), ABSENT) for a in lst]
     h.ratio_cache.clear()
     h._flow_cache = None
