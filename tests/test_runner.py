@@ -93,6 +93,9 @@ def test_repair_flag_turns_the_ladder_on(tmp_path) -> None:
     events = [json.loads(x) for x in (tmp_path / "r" / "events.jsonl").read_text().splitlines()]
     assert {"type": "action", "kind": "skip_step", "step": 7} in [
         {k: e[k] for k in ("type", "kind", "step")} for e in events]
+    skips = sum(1 for e in events if e.get("type") == "action" and e["kind"] == "skip_step")
+    last = out.stderr.splitlines()[-1]  # the last line counts what was done
+    assert "actions: " in last and f"{skips} skip_step" in last.split("actions: ")[1]
 
 
 ACCUM = """

@@ -345,4 +345,9 @@ def _summary(watcher: Watcher, shown: Path) -> str:
     watched = ", ".join(f"{type(unwrap(m)).__name__}{' (compiled)' if is_compiled(m) else ''} + {_name(o)}"
                         for _, m, o in watcher.watched)
     found = f"{len(diagnoses)} diagnosis(es)" + (f": {', '.join(kinds)}" if kinds else "")
-    return f"watched {watched}; {found}; run directory {where} ({report})"
+    counts: dict[str, int] = {}
+    for g in watcher.guards:
+        for kind, n in g.action_counts.items():
+            counts[kind] = counts.get(kind, 0) + n
+    acted = f"; actions: {', '.join(f'{n} {kind}' for kind, n in sorted(counts.items()))}" if counts else ""
+    return f"watched {watched}; {found}{acted}; run directory {where} ({report})"
