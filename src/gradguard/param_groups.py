@@ -93,4 +93,3 @@ def _widen_history(h: History, layers: LayerMap, old_to_new: list[int]) -> None:
     for lst in (h.weight, h.update, h.after):
         lst[:] = [None if a is None else place(np.asarray(a), ABSENT) for a in lst]
     h.ratio_cache.clear()
-    h._flow_cache = None

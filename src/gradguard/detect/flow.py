@@ -68,9 +68,10 @@ def layer_flow(h: History, window: int) -> tuple[list[str], list[str], float | N
     Returns:
         (early layer names, late layer names, median early RMS / median late RMS or None, per-layer RMS).
     """
-    key = (len(h.steps), int(h.steps[-1]) if len(h.steps) else -1, window)
-    if h._flow_cache is not None and h._flow_cache[0] == key:  # several detectors ask at the same read
-        return h._flow_cache[1]
+    return h.memo(("layer_flow", window), lambda: _layer_flow(h, window))  # several detectors ask at one read
+
+
+def _layer_flow(h: History, window: int) -> tuple[list[str], list[str], float | None, np.ndarray]:
     rms = nanmedian(h.rms_grad(slice(len(h.steps) - window, len(h.steps))), axis=0)
     usable = [i for i in range(len(h.layers)) if not h.embedding[i] and np.isfinite(rms[i]) and rms[i] >= 0]
     result: tuple[list[str], list[str], float | None, np.ndarray] = ([], [], None, rms)
@@ -82,5 +83,4 @@ def layer_flow(h: History, window: int) -> tuple[list[str], list[str], float | N
         early = float(statistics.median(rms[early_i].tolist()))
         if late > 0:
             result = ([h.layers[i] for i in early_i], [h.layers[i] for i in late_i], early / late, rms)
-    h._flow_cache = (key, result)
     return result
