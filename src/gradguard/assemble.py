@@ -38,6 +38,9 @@ def build(model: nn.Module, optimizer: torch.optim.Optimizer | None, *, repair: 
     repairer = Repairer(optimizer, layers, recorder.device, clip, repair, lr_backoff, lr_restore_after,
                         snapshot_every, max_rollbacks)
     immediate = nonfinite_check == "step" or (nonfinite_check == "auto" and recorder.device.type == "cpu")
+    # Rows kept on the host only where a per-step read is allowed: nonfinite_check="deferred" keeps the device path
+    # (no read between host reads) on the CPU too.
+    recorder.host = recorder.host and immediate
     # Keep at least a detector window beyond one read's rows, so no row is trimmed before it is judged; a condition
     # checked only on sample steps must not look "gone" between two samples.
     judge = Judge(layers, [n for n, _ in named], thresholds, ema_beta, max(512, log_every + thresholds.window + 1),

@@ -162,7 +162,7 @@ class Guard:
     @property
     def diagnoses(self) -> list[Diagnosis]:
         """Every diagnosis so far, in the order found. Reads pending statistics first (a host sync, on demand)."""
-        self._wiring.drain_safely()
+        self._wiring.drain_safely(full=True)
         return list(self._judge.diagnoses)
 
     @property

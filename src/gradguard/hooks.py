@@ -25,7 +25,7 @@ from .detect.reporter import Verdict
 from .param_groups import adopt_new_groups
 from .repair.stepper import Repairer, closure_given
 from .report.outputs import Outputs
-from .state import check_state
+from .state import load_state, save_state
 from .stats.own_hooks import OwnHandle, forward_hook, forward_pre_hook
 from .stats.recorder import StepRecorder
 from .stats.sentinel import Origin, locate
@@ -178,15 +178,19 @@ class Wiring:
         # Host read, only when immediate: on the CPU two floats read from memory (20x cheaper than three tiny
         # tensor ops), on an accelerator only with nonfinite_check="step" (the documented one sync per step), of
         # the sum (finite unless a term is not; float32 overflow of two values > 1.7e38 is re-read below).
-        bad = self.immediate and not (math.isfinite(m.total.item() + m.loss.item()) if self._stats_on_cpu
+        bad = self.immediate and not (math.isfinite(m.total + m.loss) if m.host
+                                      else math.isfinite(m.total.item() + m.loss.item()) if self._stats_on_cpu
                                       else bool(_finite(m.total + m.loss)))
-        if bad and not bool(torch.isfinite(m.total)):  # a further read, only on this rare path
+        if bad and not math.isfinite(m.total if m.host else m.total.item()):  # a further read, on this rare path
             # Finite gradients can overflow float32 squares (an entry of 2e20): measure again before anything is
             # called non-finite or clipped with an infinite norm.
             m = self.recorder.remeasure_wide(m, self.optimizer)
-            bad = not bool(torch.isfinite(m.total) & torch.isfinite(m.loss))
-        clipped = (self.repairer.clip_step(m.gnorm, m.total) if self.repairer.clip is not None and clip
-                   else m.total)
+            bad = not (math.isfinite(m.total + m.loss) if m.host else bool(torch.isfinite(m.total) &
+                                                                           torch.isfinite(m.loss)))
+        clipped = m.total
+        if self.repairer.clip is not None and clip:
+            host = self.repairer.clip_step_host(m.total) if m.host else None
+            clipped = host if host is not None else self.repairer.clip_step(*m.tensors())
         self.recorder.commit(m, clipped, snapshot, may_read=self.immediate)
         if bad:
             self._origins[self.recorder.step] = self._replay() if self.can_replay else None
@@ -229,7 +233,7 @@ class Wiring:
                     self.end_step()
             except Exception as e:  # never crash the user's training step
                 self.internal_failure(e)
-        self.drain_safely()
+        self.drain_safely(full=True)
         return self.judge.diagnoses[before:]
 
     def record_gradients(self, found_inf: torch.Tensor | None) -> None:
@@ -265,23 +269,10 @@ class Wiring:
 
     def state_dict(self) -> dict[str, Any]:
         self.drain_safely()
-        clip, ladder = self.repairer.clip, self.repairer.ladder
-        return {"version": 1, "step": self.recorder.step, "history": self.judge.history_state(),
-                "reporter": self.judge.reporter.state_dict(),
-                "clip": clip.state_dict() if clip is not None else {},
-                "ladder": ladder.state_dict() if ladder is not None else {}}
+        return save_state(self.recorder, self.judge, self.repairer)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        check_state(state, list(self.recorder.layers.names), self.repairer.clip, self.repairer.ladder,
-                    self.judge.ema_beta)  # raises before anything is changed
-        self.recorder.step = int(state["step"])
-        self.judge.reporter.load_state_dict(state["reporter"])
-        clip, ladder = self.repairer.clip, self.repairer.ladder
-        if clip is not None and state.get("clip"):
-            clip.load_state_dict(state["clip"])
-        if ladder is not None and state.get("ladder"):
-            ladder.load_state_dict(state["ladder"])
-        self.judge.load_history_state(state["history"])
+        load_state(state, self.recorder, self.judge, self.repairer)
 
     # ------------------------------------------------------------------ forward hooks
 
@@ -323,16 +314,23 @@ class Wiring:
     def act(self, action: Action) -> None:
         self.outputs.act(action)
 
-    def drain_safely(self) -> None:
-        if self.failed or not self.recorder.pending:
+    def drain_safely(self, full: bool = False) -> None:
+        """``drain`` that never raises; ``full``: the window rules judge up to the newest step even when nothing
+        is pending (they run only every quarter window at reads)."""
+        if self.failed or not (self.recorder.pending or full):
             return
         try:
-            self.drain()
+            if self.recorder.pending:
+                self.drain(full)
+            elif self.judge.history is not None:
+                for verdict in self.judge.catch_up(self.judge.history):
+                    self.emit(verdict)
         except Exception as e:
             self.internal_failure(e)
 
-    def drain(self) -> None:
-        """Copy pending statistics to the host in one transfer, run the detectors, repair, report."""
+    def drain(self, full: bool = False) -> None:
+        """Copy pending statistics to the host in one transfer, run the detectors (``full``: the window rules
+        too, due or not), repair, report."""
         if not self.recorder.pending:
             return
         self._draining = True
@@ -340,7 +338,7 @@ class Wiring:
             h, rows = self.judge.ingest(self.recorder.read())
             for action in self.repairer.clip_actions(h, rows):
                 self.act(action)
-            verdicts = self.judge.detect(h, len(rows), self._origins)
+            verdicts = self.judge.detect(h, len(rows), self._origins, full)
             for verdict in verdicts:
                 self.emit(verdict)
             if self.repairer.ladder is not None:
@@ -360,7 +358,7 @@ class Wiring:
                 except Exception as e:  # close() must still remove every hook
                     self.internal_failure(e)
             self.recorder.settle()
-            self.drain_safely()
+            self.drain_safely(full=True)
         finally:
             self.closed = True
             self.remove_hooks()

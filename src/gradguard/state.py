@@ -97,3 +97,25 @@ def check_state(state: Any, layers: list[str], clip: ClipMethod | None, ladder: 
         for key in ("lr_mult", "ceiling"):
             if key in saved and not 0 < saved[key] <= 1:
                 raise _fail(f"'ladder.{key}'", f"must be in (0, 1], got {saved[key]!r}")
+
+
+def save_state(recorder: Any, judge: Any, repairer: Any) -> dict[str, Any]:
+    """The Guard's state (``Guard.state_dict``) from its rooms: the step, history, reporter, clip and ladder."""
+    clip, ladder = repairer.clip, repairer.ladder
+    return {"version": 1, "step": recorder.step, "history": judge.history_state(),
+            "reporter": judge.reporter.state_dict(),
+            "clip": clip.state_dict() if clip is not None else {},
+            "ladder": ladder.state_dict() if ladder is not None else {}}
+
+
+def load_state(state: dict[str, Any], recorder: Any, judge: Any, repairer: Any) -> None:
+    """Load ``state`` into the rooms, after ``check_state`` (which raises before anything is changed)."""
+    clip, ladder = repairer.clip, repairer.ladder
+    check_state(state, list(recorder.layers.names), clip, ladder, judge.ema_beta)
+    recorder.step = int(state["step"])
+    judge.reporter.load_state_dict(state["reporter"])
+    if clip is not None and state.get("clip"):
+        clip.load_state_dict(state["clip"])
+    if ladder is not None and state.get("ladder"):
+        ladder.load_state_dict(state["ladder"])
+    judge.load_history_state(state["history"])

@@ -14,7 +14,8 @@ import numpy as np
 from torch import nn
 
 from ..stats.layers import LayerMap
-from ..stats.recorder import CLIPPED, HEAD, LOSS, SCALER_INF, TOTAL, HostRead
+from ..stats.measured import HostRead
+from ..stats.recorder import CLIPPED, HEAD, LOSS, SCALER_INF, TOTAL
 from ..stats.sentinel import Origin
 from ..types import Diagnosis
 from .advice import ModelFacts, advise
@@ -51,6 +52,11 @@ class Judge:
         self.pending_state: dict[str, Any] | None = None  # a loaded state waiting for the first read
         self.facts: ModelFacts | None = None  # set at attach: remedies fitted to the model (advice.py)
         self._acts_seen = 0
+        # Window rules judge ``window`` steps of evidence: run at a read once a quarter window has passed since
+        # their last run, not at every read (at the default 10-step reads they would re-judge 90% the same steps,
+        # and they are most of a read's cost on a small model). Per-step rules run at every read.
+        self.window_every = max(1, thresholds.window // 4)
+        self._window_at: int | None = None
 
     def offer(self, verdict: Verdict) -> Diagnosis | None:
         """A verdict from any detector: a new Diagnosis to report, or None when it is not new."""
@@ -91,22 +97,24 @@ class Judge:
             h.output_activation = self._output_activation(read.activation_order[-1])
         return h, rows
 
-    def detect(self, h: History, n_rows: int, origins: dict[int, Origin | None]) -> list[Verdict]:
+    def detect(self, h: History, n_rows: int, origins: dict[int, Origin | None],
+               full: bool = False) -> list[Verdict]:
         """Run the detectors on the ``n_rows`` newest rows (and the windows ending there).
 
         Args:
             origins: where the NaN/Inf of a step was born (from a replay), by step; entries used are removed.
+            full: run the window rules whether or not they are due (``Guard.check()``, close).
 
         Returns:
             Every verdict found, in step order (not yet deduplicated).
         """
         h._memo = {}  # shared results of this read (History.memo); dropped below, so none outlives the read
         try:
-            return self._detect(h, n_rows, origins)
+            return self._detect(h, n_rows, origins, full)
         finally:
             h._memo = None
 
-    def _detect(self, h: History, n_rows: int, origins: dict[int, Origin | None]) -> list[Verdict]:
+    def _detect(self, h: History, n_rows: int, origins: dict[int, Origin | None], full: bool) -> list[Verdict]:
         th = self.thresholds
         found: list[Verdict | None] = []
         for r in step_candidates(h, range(len(h.steps) - n_rows, len(h.steps)), th):
@@ -116,7 +124,10 @@ class Judge:
         found += detect_spike_damage(h, th)  # spikes of earlier rows, now that the loss after them is known
         # Once NaN/Inf reached the statistics, every other rule reads garbage (a NaN output looks like a dead
         # ReLU): window rules wait until the window is clean again.
-        if np.isfinite(h.total[-th.window:]).all():
+        last = int(h.steps[-1]) if len(h.steps) else None
+        due = full or self._window_at is None or (last is not None and last - self._window_at >= self.window_every)
+        if due and np.isfinite(h.total[-th.window:]).all():
+            self._window_at = last
             vanishing_known = any(key[0] == "vanishing" for key in self.reporter.active)
             found += [detect_exploding_window(h, th), detect_vanishing(h, th, vanishing_known)]
             if h.acts_version != self._acts_seen:  # unit verdicts change only when a new sample arrived
@@ -127,6 +138,12 @@ class Judge:
                 active = self.active_kinds(int(h.steps[-1])) | {v.key[0] for v in found if v is not None and v.emit}
                 found.append(detect_stalled(h, th, active))
         return sorted((v for v in found if v is not None), key=lambda v: v.diagnosis.step)
+
+    def catch_up(self, h: History) -> list[Verdict]:
+        """The window rules on the newest step, if they have not judged it yet (nothing new to read)."""
+        if not len(h.steps) or self._window_at == int(h.steps[-1]):
+            return []
+        return self.detect(h, 0, {}, full=True)
 
     def active_kinds(self, step: int) -> set[str]:
         """Kinds with a condition seen within the reporter's cooldown before ``step``."""

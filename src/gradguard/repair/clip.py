@@ -91,6 +91,11 @@ class ScalarClip(ClipMethod):
     def coefficient(self, total: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def host_coefficient(self, total: float) -> float | None:
+        """The coefficient from a total already on the host (statistics on the CPU), or None where the strategy
+        keeps device state and must go through ``coefficient``."""
+        return None
+
     def clip_(self, params: Sequence[nn.Parameter], grads: Grads, layer_index: torch.Tensor,
               layer_norms: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
         coef = self.coefficient(total)
@@ -115,6 +120,11 @@ class GlobalNorm(ScalarClip):
 
     def coefficient(self, total: torch.Tensor) -> torch.Tensor:
         return (self.max_norm / (total + 1e-6)).clamp(max=1.0)  # clamped, not branched on: no host sync
+
+    def host_coefficient(self, total: float) -> float | None:
+        # NaN stays NaN (as clamp leaves it): the NaN step is then skipped or reported, never scaled to finite.
+        coef = self.max_norm / (total + 1e-6)
+        return coef if coef < 1.0 or math.isnan(coef) else 1.0
 
 
 class ValueClip(ClipMethod):

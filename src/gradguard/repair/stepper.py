@@ -9,6 +9,7 @@ the gradients (clipping), the model and optimizer state (rollback), ``repair`` a
 from __future__ import annotations
 
 import functools
+import math
 import sys
 import types
 from collections.abc import Callable
@@ -101,6 +102,20 @@ class Repairer:
 
     # ------------------------------------------------------------------ clipping (per step)
 
+    def clip_step_host(self, total: float) -> float | None:
+        """``clip_step`` with the total already on the host (statistics on the CPU): the coefficient computed in
+        Python and one fused multiply, only when it cuts (a multiply by 1 leaves every gradient bitwise as it
+        is). Returns the total after clipping, or None where the strategy needs the device path."""
+        assert self.clip is not None
+        coef = self.clip.host_coefficient(total) if isinstance(self.clip, ScalarClip) and not self.fused() else None
+        if coef is None:
+            return None
+        if coef != 1.0:
+            grads = [p.grad for p in self.layers.params if p.grad is not None]
+            if grads:
+                torch._foreach_mul_(grads, coef)
+        return total * coef
+
     def clip_step(self, gnorm: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
         """Clip in place with the norms just measured; returns the total norm after clipping (device tensor)."""
         assert self.clip is not None
@@ -130,7 +145,7 @@ class Repairer:
 
     # ------------------------------------------------------------------ repair="auto": the step wrapper
 
-    def install(self, side: StepSide, last_total: Callable[[], torch.Tensor]) -> None:
+    def install(self, side: StepSide, last_total: Callable[[], torch.Tensor | float]) -> None:
         """Shadow ``optimizer.step`` with an instance attribute (the class method, its hooks and any LR scheduler
         wrapper stay inside): the only way to skip a non-fused step without touching its state."""
         assert self.optimizer is not None
@@ -164,7 +179,7 @@ class Repairer:
                 setattr(opt, "step", orig)  # noqa: B010 - e.g. an LR scheduler's wrapper from before the Guard
         # If something wrapped ours later (a scheduler created after the Guard), ours stays as a pass-through.
 
-    def _repaired_step(self, side: StepSide, last_total: Callable[[], torch.Tensor], *args: Any,
+    def _repaired_step(self, side: StepSide, last_total: Callable[[], torch.Tensor | float], *args: Any,
                        **kwargs: Any) -> Any:
         assert self._orig_step is not None and self.optimizer is not None and self.ladder is not None
         closure = closure_given(args, kwargs)
@@ -235,11 +250,16 @@ class Repairer:
             side.internal_failure(e)
         return result
 
-    def _skip_decision(self, total: torch.Tensor) -> bool:
+    def _skip_decision(self, total: torch.Tensor | float) -> bool:
         """Rung 1. A fused optimizer gets the flag as its ``found_inf`` (the kernel skips, state untouched, no
         sync); any other optimizer cannot be stopped from the device, so the flag is read: one small host read
         per step on an accelerator (free on the CPU), as torch.amp.GradScaler does."""
         assert self.optimizer is not None
+        if not isinstance(total, torch.Tensor):  # statistics on the CPU: the total is a host float already
+            if self.fused() and self._state_ready() and not math.isfinite(total):
+                total = torch.tensor(total)  # below: handed to the kernel as its flag, as on the device path
+            else:
+                return not math.isfinite(total)
         bad = ~torch.isfinite(total)
         if self.fused() and self._state_ready():
             flag = bad.to(torch.float32)

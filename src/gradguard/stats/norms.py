@@ -1,10 +1,14 @@
 """Per-layer L2 norms of a list of tensors in one fused pass per (device, dtype), folded on the device.
 
-Nothing here reads a value back to the host: every function returns device tensors.
+Nothing here reads a value back from an accelerator: every function returns device tensors, except
+``LayerNorms.host_with_total``, which is only used when the statistics live on the CPU (reading them is a memory
+load there, not a sync) and folds the per-tensor norms in Python: a torch operator on a few numbers costs 2-7 us
+of dispatch, and a tiny model pays that on every step.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import cast
 
@@ -36,21 +40,24 @@ class LayerNorms:
         # No DTensor among the parameters (checked once): their gradients and copies are plain tensors, and the
         # per-step path can hand them to the fused kernel without two Python calls per tensor (local, _dense).
         self._plain = all(local(p) is p for p in layers.params)
-        self._cache: dict[tuple[int, ...], tuple[list[tuple[list[int], torch.Tensor]], torch.Tensor | None]] = {}
+        self._cache: dict[tuple[int, ...], _Plan] = {}
 
-    def _plan(self, present: tuple[int, ...]) -> tuple[list[tuple[list[int], torch.Tensor]], torch.Tensor | None]:
+    def _plan(self, present: tuple[int, ...]) -> _Plan:
         plan = self._cache.get(present)
         if plan is None:
             keep = set(present)
             per_group = []
+            host_groups = []
             for g in self.groups:
                 pos = [i for i in g.positions if i in keep and self.own[i]]
                 if pos:
-                    per_group.append((pos, self._to_device(torch.tensor([self.layers.layer_of[i] for i in pos]))))
+                    layer_of = [self.layers.layer_of[i] for i in pos]
+                    per_group.append((pos, self._to_device(torch.tensor(layer_of))))
+                    host_groups.append((pos, layer_of))
             seen = {self.layers.layer_of[i] for i in present}
             absent = [li not in seen for li in range(self.layers.num_layers)]
             mask = self._to_device(torch.tensor(absent)) if any(absent) else None
-            plan = (per_group, mask)
+            plan = _Plan(per_group, mask, host_groups, [li for li, a in enumerate(absent) if a])
             if len(self._cache) > 64:  # a loop that changes its pattern every step must not grow memory
                 self._cache.clear()
             self._cache[present] = plan
@@ -90,28 +97,59 @@ class LayerNorms:
             every layer is present). ``finish`` turns them into norms.
         """
         present = tuple(i for i, t in enumerate(tensors) if t is not None)
-        per_group, absent_mask = self._plan(present)
+        plan = self._plan(present)
         out = torch.float64 if wide else torch.float32
         sq = torch.zeros(self.layers.num_layers, dtype=out, device=self.device)
-        for pos, idx in per_group:
-            # positions in the plan are present ones: never None
-            group = (cast(list[torch.Tensor], [tensors[i] for i in pos]) if self._plain
-                     else [_dense(local(tensors[i])) for i in pos])
-            # One fused kernel per (device, dtype); at least fp32 accumulation, so bf16/fp16 gradients neither
-            # overflow nor lose the small ones (float64 stays float64).
-            acc = torch.float64 if wide else _ACC.get(group[0].dtype) or torch.promote_types(group[0].dtype,
-                                                                                               torch.float32)
-            try:
-                norms = torch._foreach_norm(group, 2, dtype=acc)
-            except (NotImplementedError, RuntimeError):
-                # A sparse gradient (nn.Embedding(sparse=True)): the kernel has no sparse version; rare, so found
-                # by its error rather than checked on every tensor of every step.
-                norms = torch._foreach_norm([_dense(t) for t in group], 2, dtype=acc)
-            stacked = torch.stack(norms)
+        for pos, idx in plan.groups:
+            stacked = torch.stack(self._foreach_norms(tensors, pos, wide))
             if stacked.device != self.device or stacked.dtype != out:  # host metadata: no sync
                 stacked = stacked.to(self.device, out, non_blocking=True)
             sq.index_add_(0, idx, stacked.square_())  # in place: the stack is ours
-        return sq, absent_mask
+        return sq, plan.mask
+
+    def _foreach_norms(self, tensors: Sequence[torch.Tensor | None], pos: list[int],
+                       wide: bool) -> list[torch.Tensor]:
+        """The norms of the tensors at ``pos`` (one device and dtype): one fused kernel."""
+        # positions in the plan are present ones: never None
+        group = (cast(list[torch.Tensor], [tensors[i] for i in pos]) if self._plain
+                 else [_dense(local(tensors[i])) for i in pos])
+        # At least fp32 accumulation, so bf16/fp16 gradients neither overflow nor lose the small ones (float64
+        # stays float64).
+        acc = torch.float64 if wide else _ACC.get(group[0].dtype) or torch.promote_types(group[0].dtype,
+                                                                                           torch.float32)
+        try:
+            norms = torch._foreach_norm(group, 2, dtype=acc)
+        except (NotImplementedError, RuntimeError):
+            # A sparse gradient (nn.Embedding(sparse=True)): the kernel has no sparse version; rare, so found by
+            # its error rather than checked on every tensor of every step.
+            norms = torch._foreach_norm([_dense(t) for t in group], 2, dtype=acc)
+        return list(norms)
+
+    def host_with_total(self, tensors: Sequence[torch.Tensor | None]) -> tuple[list[float], float]:
+        """``with_total`` for statistics on the CPU, folded in Python: the fused norm per (dtype) group is the only
+        torch call (a NumPy call on a few numbers costs 1-3 us here, a torch operator 2-7 us, a float add 30 ns).
+
+        Args:
+            tensors: as for ``__call__``; CPU tensors only (the caller checks: ``self.device`` is the CPU).
+
+        Returns:
+            ``(layer_norms, total)``: per-layer norms as floats (``ABSENT`` for absent layers) and the global norm.
+            Squares are summed in double precision, so per-tensor norms up to float32's maximum give a finite
+            total.
+        """
+        plan = self._plan(tuple(i for i, t in enumerate(tensors) if t is not None))
+        sq = [0.0] * self.layers.num_layers
+        for pos, idx in plan.host_groups:
+            norms = self._foreach_norms(tensors, pos, wide=False)
+            # CPU tensors: reading them is a memory load, not a sync. One stack beats many reads past ~16.
+            values = [v.item() for v in norms] if len(norms) <= 16 else torch.stack(norms).tolist()
+            for layer, v in zip(idx, values):
+                sq[layer] += v * v
+        out = [math.sqrt(v) for v in sq]
+        if plan.host_absent:
+            for layer in plan.host_absent:
+                out[layer] = ABSENT
+        return out, math.sqrt(sum(sq))
 
     def with_total(self, tensors: Sequence[torch.Tensor | None],
                    wide: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,6 +165,18 @@ class LayerNorms:
         sq, absent_mask = self.squares(tensors, wide)
         norms, total = finish(sq, absent_mask), sq.sum().sqrt()
         return (norms.float(), total.float()) if wide else (norms, total)
+
+
+class _Plan:
+    """How to fold one pattern of present tensors: per (device, dtype) group, the positions and the layer of each
+    (a device index tensor, and a list for the host fold); the absent layers as a device mask (None: none absent)
+    and as a list."""
+
+    __slots__ = ("groups", "mask", "host_groups", "host_absent")
+
+    def __init__(self, groups: list[tuple[list[int], torch.Tensor]], mask: torch.Tensor | None,
+                 host_groups: list[tuple[list[int], list[int]]], host_absent: list[int]) -> None:
+        self.groups, self.mask, self.host_groups, self.host_absent = groups, mask, host_groups, host_absent
 
 
 # Accumulation dtype per gradient dtype, looked up instead of calling torch.promote_types (an operator call)

@@ -10,7 +10,7 @@ clipped norm by the repairer (``commit``) but never imports it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
 from typing import Any
 
 import numpy as np
@@ -20,6 +20,7 @@ from torch import nn
 from .activations import ActivationSampler
 from .distributed import all_reduce_sum, is_sharded, local, world
 from .layers import LayerMap
+from .measured import HostRead, Measured
 from .norms import LayerNorms, finish, total_norm
 
 # Columns of a step row: total gradient norm, loss, total norm after clipping, whether GradScaler found inf/NaN
@@ -37,31 +38,6 @@ def stats_device(params: list[nn.Parameter]) -> torch.device:
         if p.device.type != "cpu":
             return p.device
     return torch.device("cpu")
-
-
-@dataclass
-class Measured:
-    """One step's measurement before its row is queued: the per-layer and total gradient norms and the loss."""
-
-    gnorm: torch.Tensor
-    total: torch.Tensor
-    loss: torch.Tensor
-    loss_seen: bool
-    scaler_inf: torch.Tensor | None
-    wnorm: torch.Tensor | None  # weight norms already reduced over ranks (sharded sample steps), else None
-
-
-@dataclass
-class HostRead:
-    """What one host read brought back, as NumPy: step rows and the samples queued since the previous read."""
-
-    steps: np.ndarray
-    rows: np.ndarray  # (n, HEAD + layers); columns TOTAL, LOSS, CLIPPED, SCALER_INF, then per-layer norms
-    loss_seen: np.ndarray
-    samples: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
-    acts: list[tuple[int, str, int, str, np.ndarray]] = field(default_factory=list)
-    times: list[tuple[int, str, float, float, int]] = field(default_factory=list)
-    activation_order: list[str] = field(default_factory=list)
 
 
 class StepRecorder:
@@ -85,8 +61,11 @@ class StepRecorder:
         self.rank, self.world = world()
         self.sharded = self.world > 1 and any(is_sharded(p) for p in layers.params)
         self.sampler = ActivationSampler([] if compiled else named)
+        # Statistics on the CPU of one process: steps are folded and queued as rows of floats (reading a CPU tensor
+        # is a memory load, not a sync), which costs a tiny model a fraction of the torch operators' dispatch.
+        self.host = self.device.type == "cpu" and self.world == 1
         self.step = 0  # optimizer steps taken since attach (or restored by load_state_dict)
-        self.last_total: torch.Tensor | None = None
+        self.last_total: torch.Tensor | float | None = None  # a float on the host path
         self._zero = torch.zeros((), dtype=torch.float32, device=self.device)  # read-only: stacked into rows
         self._loss_sum: torch.Tensor | None = None  # device sum of observed loss tensors this step
         self._loss_host = 0.0  # sum of observed Python numbers (kept on the host: no copy to the device)
@@ -96,7 +75,7 @@ class StepRecorder:
         self._auto: list[torch.Tensor] = []
         self.script_max_norm: float | None = None  # the max_norm of the script's own clip_grad_norm_, once seen
         self._norms: LayerNorms | None = None
-        self._rows: list[torch.Tensor] = []
+        self._rows: list[Any] = []  # device tensors, or lists of floats on the host path
         self._row_steps: list[int] = []
         self._row_loss_seen: list[bool] = []
         # (step, weight norms, update norms [+ weight norms after the step] or None)
@@ -143,7 +122,11 @@ class StepRecorder:
         becomes what its clip leaves, ``min(total, max_norm)``, so the detectors know a clip bounded the step."""
         self.script_max_norm = max_norm
         if self._rows and self._row_steps[-1] == self.step:
-            self._rows[-1][CLIPPED].clamp_(max=max_norm)  # a view into the row: after any clip of gradguard's too
+            row = self._rows[-1]  # after any clip of gradguard's too
+            if isinstance(row, list):
+                row[CLIPPED] = row[CLIPPED] if math.isnan(row[CLIPPED]) else min(row[CLIPPED], max_norm)
+            else:
+                row[CLIPPED].clamp_(max=max_norm)  # a view into the row
 
     def drop_last_row(self) -> None:
         """The last queued row belongs to a step that never came (a GradScaler skipped it): forget it."""
@@ -178,6 +161,8 @@ class StepRecorder:
         self._auto = []
         sample = self.step % self.sample_every == 0
         wnorm: torch.Tensor | None = None
+        if self.host:
+            return self._measure_host(optimizer, found_inf)
         if self.sharded:
             gnorm, wnorm, loss_pair = self._reduced_norms(sample)
         if not self.sharded:
@@ -204,6 +189,27 @@ class StepRecorder:
         self._loss_sum, self._loss_host, self._loss_n = None, 0.0, 0
         return Measured(gnorm, total, loss, seen, scaler_inf if isinstance(scaler_inf, torch.Tensor) else None, wnorm)
 
+    def _measure_host(self, optimizer: Any, found_inf: torch.Tensor | None) -> Measured:
+        """``measure`` with the statistics on the CPU: folded and kept on the host (every read here is a memory
+        load, not a sync)."""
+        gnorm, total = self.norms().host_with_total([p.grad for p in self.layers.params])
+        scale = getattr(optimizer, "grad_scale", None)
+        if isinstance(scale, torch.Tensor):  # a fused kernel unscales: the .grad read are still scaled
+            s = float(scale)  # a CPU tensor: a memory read
+            gnorm = [v / s if v >= 0 else v for v in gnorm]
+            total = total / s
+        scaler_inf = found_inf if found_inf is not None else getattr(optimizer, "found_inf", None)
+        seen = self._loss_n > 0
+        loss = 0.0
+        if seen:
+            # a CPU tensor: reading it is a memory load
+            loss = self._loss_host + (self._loss_sum.item() if self._loss_sum is not None else 0.0)
+            loss = loss / self._loss_n if self._loss_n > 1 else loss
+        self._loss_sum, self._loss_host, self._loss_n = None, 0.0, 0
+        self.last_total = total
+        return Measured(gnorm, total, loss, seen, scaler_inf if isinstance(scaler_inf, torch.Tensor) else None,
+                        None, host=True)
+
     def _grad_norms(self, optimizer: Any, wide: bool) -> tuple[torch.Tensor, torch.Tensor]:
         gnorm, total = self.norms().with_total([p.grad for p in self.layers.params], wide)
         return self._unscaled(optimizer, gnorm, total)
@@ -224,18 +230,23 @@ class StepRecorder:
         called only after a host read found the total non-finite; never with sharded parameters."""
         if self.sharded:
             return m
-        gnorm, total = self._grad_norms(optimizer, wide=True)
+        gnorm_t, total_t = self._grad_norms(optimizer, wide=True)
+        # on the host path, back to the host (CPU tensors: memory reads)
+        gnorm, total = (gnorm_t.tolist(), total_t.item()) if m.host else (gnorm_t, total_t)
         self.last_total = total
-        return Measured(gnorm, total, m.loss, m.loss_seen, m.scaler_inf, m.wnorm)
+        return Measured(gnorm, total, m.loss, m.loss_seen, m.scaler_inf, m.wnorm, host=m.host)
 
     def commit(self, m: Measured, clipped: torch.Tensor, snapshot: bool, may_read: bool = False) -> None:
         """Queue the step's row (with the total norm after any clip) and take this step's samples.
 
         ``may_read``: a host read per step is allowed (the statistics live on the CPU, or the user asked for a
         per-step non-finite check): weight norms whose float32 squares overflow are then measured again."""
-        skipped_by_scaler = (m.scaler_inf.to(self.device).float().reshape(()) if m.scaler_inf is not None
-                             else self._zero)
-        self._rows.append(torch.cat([torch.stack([m.total, m.loss, clipped, skipped_by_scaler]), m.gnorm]))
+        if self.host:
+            self._rows.append(self._host_row(m, clipped))
+        else:
+            skipped_by_scaler = (m.scaler_inf.to(self.device).float().reshape(()) if m.scaler_inf is not None
+                                 else self._zero)
+            self._rows.append(torch.cat([torch.stack([m.total, m.loss, clipped, skipped_by_scaler]), m.gnorm]))
         self._row_steps.append(self.step)
         self._row_loss_seen.append(m.loss_seen)
         if self.sampler.armed or self.sampler.tensor_handles:
@@ -258,6 +269,14 @@ class StepRecorder:
                 self._snapshot = (self.step, wnorm, torch._foreach_mul(detached, 1.0))
             else:
                 self._samples.append((self.step, wnorm, None))
+
+    @staticmethod
+    def _host_row(m: Measured, clipped: Any) -> list[float]:
+        """The row of ``m`` as floats (host path; every tensor read here lives in CPU memory: no sync)."""
+        if not m.host:
+            m = Measured(m.gnorm.tolist(), m.total.item(), m.loss.item(), m.loss_seen, m.scaler_inf, m.wnorm, True)
+        return [m.total, m.loss, clipped if isinstance(clipped, float) else clipped.item(),
+                0.0 if m.scaler_inf is None else m.scaler_inf.float().sum().item(), *m.gnorm]
 
     def drop_snapshot(self) -> None:
         """The step was skipped: no update to measure."""
@@ -335,18 +354,21 @@ class StepRecorder:
         """
         n_rows, width = len(self._rows), len(self._rows[0])
         L = self.layers.num_layers
-        pieces = [torch.stack(self._rows).reshape(-1)]
+        pieces = [] if self.host else [torch.stack(self._rows).reshape(-1)]
         for _, w, u in self._samples:
             # per sample: weight norms, update norms, weight norms after the step (-1: unknown)
             missing = torch.full_like(w, -1.0)
             pieces += [w, u if u is not None else missing] + ([missing] if u is None or u.numel() == L else [])
         pieces += [v.reshape(-1).to(self.device, torch.float32) for *_, v in self._acts]
         pieces += [torch.stack([e, late]).to(self.device, torch.float32) for _, _, e, late, _ in self._times]
-        flat = torch.cat(pieces).cpu().numpy().astype(np.float64)  # the one sync of this read (see above)
-
-        out = HostRead(np.array(self._row_steps, dtype=np.int64), flat[: n_rows * width].reshape(n_rows, width),
+        flat = (torch.cat(pieces).cpu().numpy().astype(np.float64) if pieces  # the one sync of this read (above)
+                else np.zeros(0))
+        if self.host:  # rows already on the host
+            rows, off = np.array(self._rows, dtype=np.float64), 0
+        else:
+            rows, off = flat[: n_rows * width].reshape(n_rows, width), n_rows * width
+        out = HostRead(np.array(self._row_steps, dtype=np.int64), rows,
                        np.array(self._row_loss_seen, dtype=bool), activation_order=self._activation_order)
-        off = n_rows * width
         for step, _, _ in self._samples:
             # Copies: a view would keep this whole read buffer (rows and activation values) alive for as long as
             # the History keeps the sample (64 samples: 6 MiB on a 48-layer MLP, BENCHMARKS.md "Memory").
