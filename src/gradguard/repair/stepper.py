@@ -25,7 +25,8 @@ from ..stats.distributed import local
 from ..stats.layers import LayerMap
 from ..stats.recorder import CLIPPED, TOTAL
 from ..types import Action
-from .clip import ClipMethod, ScalarClip, ZClip, make_clip
+from .adaptive_clip import ZClip, make_clip
+from .clip import ClipMethod, ScalarClip
 from .ladder import Ladder
 
 _ABSENT = object()  # "the optimizer had no such attribute", as opposed to one set to None
