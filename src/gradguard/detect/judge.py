@@ -52,9 +52,9 @@ class Judge:
         self.pending_state: dict[str, Any] | None = None  # a loaded state waiting for the first read
         self.facts: ModelFacts | None = None  # set at attach: remedies fitted to the model (advice.py)
         self._acts_seen = 0
-        # Window rules judge ``window`` steps of evidence: run at a read once a quarter window has passed since
-        # their last run, not at every read (at the default 10-step reads they would re-judge 90% the same steps,
-        # and they are most of a read's cost on a small model). Per-step rules run at every read.
+        # Window rules judge ``window`` steps of evidence: run about once a quarter window, not at every read (at
+        # the default 10-step reads they would re-judge 90% the same steps, and they are most of a read's cost on
+        # a small model). Per-step rules run at every read.
         self.window_every = max(1, thresholds.window // 4)
         self._window_at: int | None = None
 
@@ -125,7 +125,11 @@ class Judge:
         # Once NaN/Inf reached the statistics, every other rule reads garbage (a NaN output looks like a dead
         # ReLU): window rules wait until the window is clean again.
         last = int(h.steps[-1]) if len(h.steps) else None
-        due = full or self._window_at is None or (last is not None and last - self._window_at >= self.window_every)
+        # Due: at the first read, once per quarter window (aligned to multiples of it), and at the read where the
+        # window first fills (the first moment a whole window can be judged, as before).
+        filled = len(h.steps) - n_rows < th.window <= len(h.steps)
+        due = full or filled or self._window_at is None or (
+            last is not None and last // self.window_every > self._window_at // self.window_every)
         if due and np.isfinite(h.total[-th.window:]).all():
             self._window_at = last
             vanishing_known = any(key[0] == "vanishing" for key in self.reporter.active)
