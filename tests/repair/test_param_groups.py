@@ -86,3 +86,28 @@ def test_a_nan_gradient_in_the_new_group_is_skipped_and_a_rollback_still_works()
     # rolled back to the state at the change (step 5): the older snapshots cannot hold the new group
     assert [a.detail["to_step"] for a in guard.actions if a.kind == "rollback"][:1] == [5]
     guard.close()
+
+
+def test_activations_of_an_unfrozen_backbone_are_sampled_and_judged() -> None:
+    """Dead units in a layer that joins through add_param_group are found and tied to that layer: 12 of 16 units
+    are given a bias of -50, so they never fire (75%, known by construction)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 1))
+    with torch.no_grad():
+        m[0].bias[:12] = -50.0
+    for p in m[0].parameters():
+        p.requires_grad_(False)
+    opt = torch.optim.SGD(list(m[2].parameters()) + list(m[4].parameters()), lr=0.01)
+    guard = gg.Guard(m, opt, console=False)
+    for step in range(120):
+        if step == 20:
+            for p in m[0].parameters():
+                p.requires_grad_(True)
+            opt.add_param_group({"params": list(m[0].parameters())})
+        x = torch.randn(32, 8)
+        opt.zero_grad()
+        (m(x) - x[:, :1]).square().mean().backward()
+        opt.step()
+    dead = [d for d in guard.diagnoses if d.kind == "dead_units"]
+    assert dead and "0" in dead[0].layers and "75%" in dead[0].message
+    guard.close()
