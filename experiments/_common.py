@@ -62,6 +62,18 @@ def converged_at(losses: Sequence[float], threshold: float = CONVERGED, window: 
     return None
 
 
+def loss_spiked(losses: Sequence[float], step: int, before: int = 20, after: int = 5, factor: float = 1.5) -> bool:
+    """Whether the script's own losses rose at ``step``: the mean of the ``after`` losses from ``step - 2`` on is at
+    least ``factor`` times the mean of the ``before`` losses ahead of them. An oracle for a spike report that does not
+    read gradguard: near the edge of stability a network may really spike, on one CPU and not on another (the
+    trajectory is chaotic), and a report of that spike is right."""
+    lo = max(0, step - 2)
+    ahead, then = losses[max(0, lo - before):lo], losses[lo:lo + after]
+    if not ahead or not then:
+        return False
+    return sum(then) / len(then) >= factor * sum(ahead) / len(ahead)
+
+
 def first_seen(guard: gg.Guard, kinds: Sequence[str] | None = None) -> dict[str, int]:
     """Each diagnosis kind (optionally only ``kinds``) with the step it was first reported at."""
     out: dict[str, int] = {}

@@ -17,9 +17,12 @@ first hidden layer over the last one), when the loss leaves its initial plateau,
 accuracy, and gradguard's verdict.
 
 The verdict is judged against what the run did, step by step: a run whose loss never left its plateau must be
-diagnosed "vanishing"; a run that learned must raise no exploding/non-finite diagnosis, and a vanishing diagnosis is
-right only while its loss was still on a plateau that lasted at least one gradguard window (100 steps); a report
-after the run had fitted its training set is wrong too (EXPERIMENTS.md F3: it was, until the convergence gates).
+diagnosed "vanishing"; a run that learned must raise no non-finite diagnosis and no exploding one except for a spike
+its own losses show (the mean loss of the five steps around the report at least 1.5x that of the twenty before: at
+this learning rate a deep plain network may really spike on one CPU and not on another, the trajectory being
+chaotic), and a vanishing diagnosis is right only while its loss was still on a plateau that lasted at least one
+gradguard window (100 steps); a report after the run had fitted its training set is wrong too (EXPERIMENTS.md F3:
+it was, until the convergence gates).
 
 Run: python experiments/he2015_depth.py [--seeds 3] [--steps 500] [--depths 10,22,30] [--quick] [--json out.json]
 """
@@ -30,7 +33,19 @@ import math
 import sys
 
 import torch
-from _common import Checks, converged_at, diagnoses, finish, first_seen, fmt_ms, parser, setup, table, verdict_text
+from _common import (
+    Checks,
+    converged_at,
+    diagnoses,
+    finish,
+    first_seen,
+    fmt_ms,
+    loss_spiked,
+    parser,
+    setup,
+    table,
+    verdict_text,
+)
 from torch import nn
 
 import gradguard as gg
@@ -102,6 +117,9 @@ def run(depth: int, var: float, seed: int, steps: int, lr: float, width: int, we
                 left_plateau = step
         first = first_seen(guard)
         diag = diagnoses(guard)
+    for d in diag:  # judged by the losses this script recorded, not by gradguard's evidence
+        if d["kind"] == "exploding":
+            d["loss_spiked"] = loss_spiked(losses, d["step"])
     with gg.inference(model):
         train_loss = nn.functional.cross_entropy(model(xtr), ytr).item()
         acc = (model(xte).argmax(1) == yte).float().mean().item()
@@ -118,10 +136,16 @@ def judge(r: dict) -> tuple[str, str]:
         bad = {k for k in first if k in ("exploding", "nonfinite")}
         ok = "vanishing" in first and not bad
         return ("right" if ok else "wrong"), f"stalled: expected vanishing, got {verdict_text(first)}"
-    wrong = [d for d in r["diagnoses"] if d["kind"] in ("exploding", "nonfinite")
+    # A spike report on a learner is right when the loss really rose there (``loss_spiked``, from this script's own
+    # record): at this learning rate, near the edge of stability, a deep plain network may spike on one CPU and not
+    # on another.
+    wrong = [d for d in r["diagnoses"] if d["kind"] == "nonfinite"
+             or (d["kind"] == "exploding" and not d.get("loss_spiked"))
              or (d["kind"] == "vanishing" and (left < WINDOW or d["step"] > left + WINDOW))]
-    why = (f"learned (left the plateau at step {left}): expected no exploding/nonfinite and no vanishing after the "
-           f"plateau, got {verdict_text(first)}")
+    real = [d["step"] for d in r["diagnoses"] if d.get("loss_spiked")]
+    why = (f"learned (left the plateau at step {left}): expected no exploding/nonfinite (but for a spike its own loss "
+           f"shows) and no vanishing after the plateau, got {verdict_text(first)}"
+           + (f"; the loss rose after the spike at step(s) {', '.join(map(str, real))}" if real else ""))
     if not wrong:
         return "right", why
     conv = r["converged_at"]
