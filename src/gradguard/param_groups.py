@@ -48,7 +48,10 @@ def adopt_new_groups(wiring: Any) -> list[str]:
         ladder.snapshot = ladder.initial = None
         ladder.take_snapshot(wiring.model, wiring.optimizer, wiring.recorder.step, initial=True)
     wiring.groups_seen = group_count(wiring)
-    return [n for n in layers.names if n not in known]
+    added = [n for n in layers.names if n not in known]
+    if added:  # meta.json names the layers the report shows: it gets the new list (a rare, whole rewrite)
+        wiring.outputs.layers_changed(list(zip(layers.names, layers.numel)))
+    return added
 
 
 def _extend(layers: LayerMap, fresh: LayerMap) -> list[int]:

@@ -24,6 +24,15 @@ def _any_requires_grad(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     return any(isinstance(a, torch.Tensor) and a.requires_grad for a in (*args, *kwargs.values()))
 
 
+class Marks(set[int]):
+    """The ids of the modules marked through one option (``frozen`` or ``stochastic``), with the option's name, so
+    a wrong value is refused with an error that names it."""
+
+    def __init__(self, option: str) -> None:
+        super().__init__()
+        self.option = option
+
+
 class ModeWatcher:
     """Mode checks around forwards of the root module.
 
@@ -49,8 +58,8 @@ class ModeWatcher:
         self.step = step
         self.replaying = False  # our own replays must not be judged as the user's forwards
         self.behaviour: list[tuple[str, nn.Module, ModeProfile]] = behaviour_modules(model)
-        self.frozen: set[int] = set()
-        self.stochastic: set[int] = set()
+        self.frozen: set[int] = Marks("frozen")
+        self.stochastic: set[int] = Marks("stochastic")
         self._stack: list[dict[str, Any]] = []
         self._eval_in_training: list[tuple[str, nn.Module, ModeProfile]] = []
         self._scope_cache: dict[int, list[nn.Parameter]] = {}
@@ -62,7 +71,19 @@ class ModeWatcher:
 
     @staticmethod
     def mark(into: set[int], modules: Iterable[nn.Module]) -> None:
-        for m in modules:
+        """Add ``modules`` and everything inside them to ``into``; anything that is not a module is refused before
+        any is added (a TypeError naming the option: ``frozen=['encoder']`` passes a name, not the module).
+
+        Raises:
+            TypeError: an item is not a ``torch.nn.Module``.
+        """
+        items = list(modules)
+        for m in items:
+            if not isinstance(m, nn.Module):
+                option = getattr(into, "option", "frozen/stochastic")
+                raise TypeError(f"{option}= (and mark_{option}()) take the modules themselves, e.g. "
+                                f"{option}=[model.encoder]; got {type(m).__name__} {m!r:.40}")
+        for m in items:
             for sub in m.modules():
                 into.add(id(sub))
 

@@ -20,7 +20,6 @@ every step (see ``Guard``).
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -29,61 +28,13 @@ from torch import nn
 
 from ..detect.history import History
 from ..types import Action
-
-
-def _to_host(obj: Any, reuse: Any = None, memo: dict[tuple[Any, ...], torch.Tensor] | None = None) -> Any:
-    """A deep copy with every tensor in host memory.
-
-    A tensor on an accelerator goes into page-locked (pinned) memory with an asynchronous copy, ordered on the
-    stream before any later update of it: the host does not wait, and the copy engine runs several times faster
-    than into pageable memory (on an H200 a 124 M-parameter AdamW snapshot took 0.44 s pageable, one blocking copy
-    per tensor, which made repair="auto" cost 1.1x per step). The pinned buffers of the previous snapshot are
-    reused (``reuse``): pinning is slow, and the old snapshot is replaced anyway. Read the copies on the host only
-    after a sync (``Ladder.rollback`` does one). DTensors and CPU tensors are copied as before.
-
-    Tensors that are views of the same memory (tied weights: a language model's input embedding and output layer
-    appear twice in ``state_dict()``) are copied once (``memo``), so the snapshot keeps them tied and costs no more
-    than the model: 49 MiB saved on the 4 x 256 GPT-2 of BENCHMARKS.md, whose vocabulary matrix is tied.
-    """
-    memo = {} if memo is None else memo
-    if isinstance(obj, torch.Tensor):
-        t = obj.detach()
-        key = None
-        if type(t) is torch.Tensor and t.layout == torch.strided:
-            key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
-            if key in memo:
-                return memo[key]
-        if t.device.type == "cpu" or type(t) is not torch.Tensor:  # CPU, or a DTensor (its own .to keeps shards)
-            out = t.to("cpu", copy=True)
-        else:
-            same = (isinstance(reuse, torch.Tensor) and reuse.shape == t.shape and reuse.dtype == t.dtype
-                    and reuse.is_pinned())
-            out = reuse if same else torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-            out.copy_(t, non_blocking=True)
-        if key is not None:
-            memo[key] = out
-        return out
-    if isinstance(obj, dict):
-        old = reuse if isinstance(reuse, dict) else {}
-        return {k: _to_host(v, old.get(k), memo) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        old_seq = reuse if isinstance(reuse, type(obj)) and len(reuse) == len(obj) else [None] * len(obj)
-        return type(obj)(_to_host(v, r, memo) for v, r in zip(obj, old_seq))
-    return copy.deepcopy(obj)
-
+from .snapshot import Snapshot, holds_nonfinite, owned_model_state, restore_model, to_host
+from .weights import Corruption
 
 EARLY_SEARCH = 4  # rollbacks to the state at attach, a decade lower each: down to 1e-4 of the rate set
 LOSS_RISE, GRAD_RISE = 10.0, 1e3  # a restart diverges as detect.early says a run's first steps do
 RESTART_WINDOW = 50  # steps after a restart judged by their own rows only (the detectors' windows hold older ones)
 QUIET = 50  # steps without trouble before non-finite steps that make them "out of a quiet run"
-
-
-@dataclass
-class Snapshot:
-    step: int
-    model: dict[str, Any]
-    optimizer: dict[str, Any]
-    lr_mult: float
 
 
 class Ladder:
@@ -305,24 +256,37 @@ class Ladder:
     def take_snapshot(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int,
                       initial: bool = False) -> None:
         """Copy model and optimizer state to host memory: the newest trusted snapshot, or (``initial``) the state
-        at attach. At most two copies are kept, so host memory holds up to twice the model and optimizer state."""
+        at attach. At most two copies are kept, so host memory holds up to twice the model and optimizer state.
+        Of the model, only what this optimizer owns (``snapshot.owned_model_state``: all of it with one optimizer)."""
         old = self.initial if initial else self.snapshot
-        snap = Snapshot(step, _to_host(model.state_dict(), old.model if old else None),
-                        _to_host(optimizer.state_dict(), old.optimizer if old else None), self.lr_mult)
+        state, partial = owned_model_state(model, optimizer)
+        snap = Snapshot(step, to_host(state, old.model if old else None),
+                        to_host(optimizer.state_dict(), old.optimizer if old else None), self.lr_mult, partial)
         if initial:
             self.initial = snap
         else:
             self.snapshot = snap
 
-    def rollback(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int,
-                 initial: bool = False) -> Action:
+    def rollback(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int, initial: bool = False,
+                 corrupt: Corruption | None = None) -> Action | None:
         """Restore the newest trusted snapshot (or, ``initial``, the state at attach) bitwise, lower the learning
-        rate; give up after max_rollbacks."""
-        snap = self.initial if initial or self.snapshot is None else self.snapshot
-        assert snap is not None
+        rate; give up after max_rollbacks. ``corrupt``: weights the loss could not see were found non-finite; the
+        target is then the newest snapshot from before them (see ``corrupt_target``), at the same rate the first
+        time. A snapshot that holds a non-finite weight is never a target: the state at attach replaces it. Returns
+        None when no finite state is left to go back to."""
+        snap = (self.corrupt_target(corrupt) if corrupt is not None
+                else self.initial if initial or self.snapshot is None else self.snapshot)
+        if snap is None:
+            return None
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             torch.cuda.synchronize()  # the snapshot's copies into pinned memory are asynchronous (rare: rollbacks)
-        model.load_state_dict(snap.model)
+        if holds_nonfinite(model, snap):  # taken after a weight the loss could not see was corrupted
+            if snap is self.snapshot:
+                self.snapshot = None
+            if snap is self.initial or self.initial is None or holds_nonfinite(model, self.initial):
+                return None
+            snap = self.initial
+        restore_model(model, snap)
         # The learning rates in force now are the scheduler's (and the snapshot may have been taken inside a step
         # with the ladder's multiplier applied): keep them, restore everything else.
         current: list[dict[str, Any]] = [{k: g[k] for k in ("lr", "initial_lr") if k in g}
@@ -334,10 +298,14 @@ class Ladder:
             self.after_rollback = step
         self.rollbacks += 1
         self.last_rollback = step
-        searching = snap is self.initial and self.snapshot is None and self.early_rollbacks < EARLY_SEARCH
-        same_rate = snap is self.snapshot and self.same_rate
+        searching = (corrupt is None and snap is self.initial and self.snapshot is None
+                     and self.early_rollbacks < EARLY_SEARCH)
+        same_rate = (snap is self.snapshot and self.same_rate) or (corrupt is not None and not self.kept_rate)
         was = self.lr_mult
         detail: dict[str, Any] = {"to_step": snap.step}
+        if corrupt is not None:
+            self.why = (f"non-finite weights in {', '.join(repr(n) for n in corrupt.layers[:3])} (sampled weight norm "
+                        f"at step {corrupt.step}) that the loss and gradients did not show")
         if searching:  # the rate search from attach: a decade lower each time (see decide)
             self.early_rollbacks += 1
             self.restart_at = self.after_rollback
@@ -345,8 +313,10 @@ class Ladder:
             detail["why"] = "no trusted state since attach: back to the start with a 10x lower learning rate"
         elif same_rate:  # non-finite values out of a quiet run: the state was corrupted, not the rate too high
             self.kept_rate = True
-            detail["why"] = (f"{self.why or 'non-finite steps'} out of a quiet run (no explosion before them): "
-                             "rolled back at the same learning rate; if they come back, the next rollback lowers it")
+            where = ": rolled back to a state from before them" if corrupt is not None else \
+                " out of a quiet run (no explosion before them): rolled back"
+            detail["why"] = (f"{self.why or 'non-finite steps'}{where} at the same learning rate; if they come back, "
+                             "the next rollback lowers it")
         else:
             self.lr_mult = min(snap.lr_mult, self.lr_mult) * self.lr_backoff ** 2
             if self.why:
@@ -360,6 +330,18 @@ class Ladder:
             detail["stopped"] = self.give_up_text(step, snap.step, was)
         self.why = ""
         return Action("rollback", step, detail)
+
+    def corrupt_target(self, corrupt: Corruption) -> Snapshot | None:
+        """The newest snapshot taken no later than the last sample whose weights were all finite (a later one may
+        hold the corruption: it is dropped); None when there is none, or the ladder has given up."""
+        if self.gave_up or corrupt.good is None:
+            return None
+        if self.snapshot is not None and self.snapshot.step > corrupt.good:
+            self.snapshot = None
+        for snap in (self.snapshot, self.initial):
+            if snap is not None and snap.step <= corrupt.good:
+                return snap
+        return None
 
     def give_up_text(self, step: int, to_step: int, was: float) -> str:
         """What the ladder tried, and what the user should change, when it stops rolling back (``was``: the

@@ -27,32 +27,21 @@ from ..stats.recorder import CLIPPED, TOTAL
 from ..types import Action
 from .adaptive_clip import ZClip, make_clip
 from .clip import ClipMethod, ScalarClip
+from .closures import closure_given, evaluate_closure, gradients_finite, lbfgs_step
 from .ladder import Ladder
+from .weights import WeightWatch, still_corrupt
 
 _ABSENT = object()  # "the optimizer had no such attribute", as opposed to one set to None
 
-
-def closure_given(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
-    """Whether ``optimizer.step`` was called with a closure (the hooks see ``args = (optimizer, closure)``)."""
-    return kwargs.get("closure") is not None or any(callable(a) for a in args)
+__all__ = ["Repairer", "StepSide", "closure_given"]
 
 
-def _evaluate_closure(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
-    """Run the closure of ``optimizer.step(closure)`` now (forward and backward, under grad as ``step`` would) and
-    return its result with the arguments rewritten to pass a closure that only returns that result."""
-    i = -1 if kwargs.get("closure") is not None else next(i for i, a in enumerate(args) if callable(a))
-    with torch.enable_grad():
-        result = (kwargs["closure"] if i < 0 else args[i])()
-    if i < 0:
-        return result, args, {**kwargs, "closure": lambda: result}
-    return result, (*args[:i], lambda: result, *args[i + 1:]), kwargs
-
-
-def _gradients_finite(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether every gradient the optimizer would apply is finite: the fail-safe check when gradguard's own
-    measurement failed (one host read, on that rare path only)."""
-    flags = [p.grad.isfinite().all() for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-    return bool(torch.stack([f.to(flags[0].device) for f in flags]).all()) if flags else True
+def _make_clip(clip: float | str | ClipMethod | None) -> ClipMethod | None:
+    """``make_clip`` with the error naming the Guard's option: a clip strategy's own check says "max_norm"."""
+    if isinstance(clip, (int, float)) and not isinstance(clip, bool) and not clip > 0:
+        raise ValueError(f"clip must be a max norm > 0 (clip=1.0), 'zclip', 'autoclip', 'agc', a "
+                         f"gradguard.repair.ClipMethod or None; got {clip!r}")
+    return make_clip(clip)
 
 
 class StepSide(Protocol):
@@ -85,7 +74,7 @@ class Repairer:
         self.optimizer = optimizer
         self.layers = layers
         self.device = device
-        self.clip = make_clip(clip)
+        self.clip = _make_clip(clip)
         self.ladder = (Ladder(lr_backoff, restore_after=lr_restore_after, snapshot_every=snapshot_every,
                               max_rollbacks=max_rollbacks) if repair else None)
         if self.ladder is not None and self.clip is None:
@@ -95,6 +84,11 @@ class Repairer:
         self._clip_index: dict[tuple[int, ...], torch.Tensor] = {}
         self._step_wrapper: Callable[..., Any] | None = None
         self._orig_step: Callable[..., Any] | None = None
+        self._clipped: torch.Tensor | float | None = None  # this step's total after gradguard's clip
+        self._flagged: set[int] = set()  # steps whose skip flag went to a fused kernel (its outcome read later)
+        self._unresolved: set[int] = set()  # non-finite rows read before their step's skip was decided
+        self.weights = WeightWatch()
+        self._why = "non-finite gradients"  # what the skip decided last is for
 
     def reset_layout(self) -> None:
         """The tracked parameters changed (a new optimizer group): forget what was built for the old ones."""
@@ -115,10 +109,17 @@ class Repairer:
             grads = [p.grad for p in self.layers.params if p.grad is not None]
             if grads:
                 torch._foreach_mul_(grads, coef)
-        return total * coef
+        self._clipped = total * coef
+        return self._clipped
 
     def clip_step(self, gnorm: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
-        """Clip in place with the norms just measured; returns the total norm after clipping (device tensor)."""
+        """Clip in place with the norms just measured; returns the total norm after clipping (device tensor), which
+        the repaired step's skip decision reads too: a clip can turn finite gradients non-finite (a coefficient of
+        -inf from a corrupted ZClip state), and such a step must not be applied either."""
+        self._clipped = clipped = self._clip_step(gnorm, total)
+        return clipped
+
+    def _clip_step(self, gnorm: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
         assert self.clip is not None
         params = self.layers.params
         present = tuple(i for i, p in enumerate(params) if p.grad is not None)
@@ -187,30 +188,33 @@ class Repairer:
         if not side.live():
             return self._orig_step(*args, **kwargs)
         if closure and isinstance(self.optimizer, torch.optim.LBFGS):
-            return self._lbfgs_step(side, *args, **kwargs)
+            ladder = self.ladder
+            return lbfgs_step(self.optimizer, self._orig_step, side, lambda: ladder.rollbacks, *args, **kwargs)
         result = None
         if closure:
             # A one-evaluation optimizer stepped with a closure (PyTorch Lightning does this): evaluate it first,
             # so the gradients can be measured, clipped, or the step skipped before the update, then hand the
             # optimizer a closure that returns the same result (it calls it once, as it would have).
-            result, args, kwargs = _evaluate_closure(args, kwargs)
+            result, args, kwargs = evaluate_closure(args, kwargs)
         try:
             if not side.external:  # else record_gradients() measured (and clipped) this step already
+                self._clipped = None
                 side.record_for_step()
             side.recorded = True
-            skip = self._skip_decision(last_total())
+            decision = self._skip_decision(last_total())
+            self._note_device_skip(side, decision)
         except Exception as e:  # never crash the user's training step
             side.recorded = False
             side.internal_failure(e)
             self.restore_fused_flags()
-            if not _gradients_finite(self.optimizer):
+            if not gradients_finite(self.optimizer):
                 return result  # fail safe: gradguard failed, but a non-finite step is still never applied
             return self._orig_step(*args, **kwargs)
-        if skip:
+        if decision == "skip":
             side.recorded = side.external = False
             self.restore_fused_flags()
             try:
-                side.skip_step({"why": "non-finite gradients"})
+                side.skip_step({"why": self._why})
             except Exception as e:  # logging the skip failed: the step stays skipped, gradguard stands aside
                 side.internal_failure(e)
             return result  # what step(closure) returns: the closure's loss (None without a closure)
@@ -222,53 +226,60 @@ class Repairer:
             side.recorded = False
             self.restore_fused_flags()
 
-    def _lbfgs_step(self, side: StepSide, *args: Any, **kwargs: Any) -> Any:
-        """LBFGS evaluates its closure many times inside one step (its line search): there is no single gradient
-        to judge before the update. So the weights are copied before the step and checked after it; if the loss
-        or any weight came out non-finite, the weights are put back bitwise and LBFGS's curvature memory (built
-        from those non-finite gradients) is cleared, as at its first step. The check reads the host once per
-        step, which adds no sync that LBFGS does not already make (it reads its loss and directions on the host
-        at every iteration)."""
-        assert self._orig_step is not None and self.optimizer is not None
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        with torch.no_grad():
-            before = torch._foreach_mul([p.detach() for p in params], 1.0)  # a copy, one fused call
-        result = self._orig_step(*args, **kwargs)
-        try:
-            with torch.no_grad():
-                flags = [torch.isfinite(p).all() for p in params]
-                if isinstance(result, torch.Tensor):
-                    flags.append(torch.isfinite(result.detach()).all())
-                finite = bool(torch.stack([f.to(flags[0].device) for f in flags]).all()) if flags else True
-            if not finite:
-                with torch.no_grad():
-                    torch._foreach_copy_([p.detach() for p in params], before)
-                self.optimizer.state.clear()  # LBFGS keeps its history in the state of its first parameter
-                side.act(Action("skip_step", side.last_step(), {
-                    "why": "non-finite loss or weights inside the LBFGS step (its line search): weights put back, "
-                           "its curvature memory cleared"}))
-        except Exception as e:  # never crash the user's training step
-            side.internal_failure(e)
-        return result
+    def _note_device_skip(self, side: StepSide, decision: str) -> None:
+        """Log each skip once. A host skip is logged by ``side.skip_step``. A fused kernel told to skip (its
+        ``found_inf``) is logged here when the host knows the flag is set (the total was read already: on the CPU,
+        or at a read made during this step), else at the read that brings its row (``climb``)."""
+        step = side.last_step() + 1  # the step being taken
+        self._unresolved = {s for s in self._unresolved if s >= step}  # rows of steps decided without us
+        if decision == "device_skip" or (decision == "device" and step in self._unresolved):
+            side.act(Action("skip_step", step, {"why": self._why, "fused": True}))
+        elif decision == "device":
+            self._flagged.add(step)
+        self._unresolved.discard(step)
 
-    def _skip_decision(self, total: torch.Tensor | float) -> bool:
-        """Rung 1. A fused optimizer gets the flag as its ``found_inf`` (the kernel skips, state untouched, no
-        sync); any other optimizer cannot be stopped from the device, so the flag is read: one small host read
-        per step on an accelerator (free on the CPU), as torch.amp.GradScaler does."""
+    def _skip_decision(self, total: torch.Tensor | float) -> str:
+        """Rung 1: "skip" (on the host: the step is not called), "apply", or a fused kernel's ``found_inf`` set
+        ("device_skip" when the host knows it is set, "device" when only the kernel will know).
+
+        A fused optimizer gets the flag as its ``found_inf`` (the kernel skips, state untouched, no sync); any other
+        optimizer cannot be stopped from the device, so the flag is read: one small host read per step on an
+        accelerator (free on the CPU), as torch.amp.GradScaler does. The flag covers the total after gradguard's
+        own clip as well as the one measured before it."""
         assert self.optimizer is not None
-        if not isinstance(total, torch.Tensor):  # statistics on the CPU: the total is a host float already
-            if self.fused() and self._state_ready() and not math.isfinite(total):
-                total = torch.tensor(total)  # below: handed to the kernel as its flag, as on the device path
-            else:
-                return not math.isfinite(total)
-        bad = ~torch.isfinite(total)
+        clipped, self._clipped = self._clipped, None
+        self._why = "non-finite gradients"
+        on_host = clipped is None or isinstance(clipped, float) or clipped.device.type == "cpu"
+        if not isinstance(total, torch.Tensor) and on_host:  # statistics on the CPU: host values (memory reads)
+            bad = not math.isfinite(total) or (clipped is not None and not math.isfinite(float(clipped)))
+            if bad and math.isfinite(total):
+                self._why = f"non-finite gradients after gradguard's clip ({self._clip_name()})"
+            if not (bad and self.fused() and self._state_ready()):
+                return "skip" if bad else "apply"
+            prior = getattr(self.optimizer, "found_inf", None)  # GradScaler's flag, on the CPU here: a memory read
+            scaler = isinstance(prior, torch.Tensor) and bool(prior.sum() > 0)
+            self._hand_flag(torch.ones(()))  # handed to the kernel as its flag, as on the device path
+            return "device" if scaler else "device_skip"  # the scaler's own skip: its row is dropped, not logged
+        before = ~torch.isfinite(torch.as_tensor(total, dtype=torch.float32))
+        bad_t = before if clipped is None else before | ~torch.isfinite(torch.as_tensor(clipped).to(before.device))
         if self.fused() and self._state_ready():
-            flag = bad.to(torch.float32)
-            prior = getattr(self.optimizer, "found_inf", None)  # GradScaler's own flag: combine, not replace
-            self._set_fused_attr("found_inf", torch.maximum(prior, flag.to(prior.device)) if prior is not None
-                                 else flag)
-            return False
-        return bool(bad)  # the documented per-step host read (see above)
+            self._hand_flag(bad_t.to(torch.float32))
+            return "device"
+        if clipped is None:
+            return "skip" if bool(bad_t) else "apply"  # the documented per-step host read (see above)
+        bad, unclipped_bad = torch.stack([bad_t, before]).tolist()  # the same one read, of both flags
+        if bad and not unclipped_bad:
+            self._why = f"non-finite gradients after gradguard's clip ({self._clip_name()})"
+        return "skip" if bad else "apply"
+
+    def _hand_flag(self, flag: torch.Tensor) -> None:
+        """Set this step's ``found_inf`` for the fused kernel (combined with GradScaler's own flag, not replacing
+        it)."""
+        prior = getattr(self.optimizer, "found_inf", None)
+        self._set_fused_attr("found_inf", torch.maximum(prior, flag.to(prior.device)) if prior is not None else flag)
+
+    def _clip_name(self) -> str:
+        return self.clip.name if self.clip is not None else "none"
 
     def _state_ready(self) -> bool:
         """Whether every parameter already has optimizer state. Before that (the first step), a fused kernel
@@ -328,10 +339,16 @@ class Repairer:
 
         ``active``: the kinds whose conditions are active now (a snapshot is never taken during one)."""
         assert self.ladder is not None and self.optimizer is not None
-        if self.fused():  # fused skips happened on the device
-            new = slice(len(h.steps) - n_rows, len(h.steps))
-            for st in h.steps[new][~np.isfinite(h.total[new])]:
-                act(Action("skip_step", int(st), {"why": "non-finite gradients", "fused": True}))
+        if self.fused():
+            self._fused_skips(h, n_rows, step, act)
+        corrupt = self.weights.check(h)
+        # A non-finite sampled weight norm: confirm on the weights themselves (a host read, on this rare path only)
+        if corrupt is not None and still_corrupt(self.layers, corrupt.layers):
+            action = self.ladder.rollback(model, self.optimizer, step, corrupt=corrupt)
+            if action is not None:
+                act(action)
+                if "stopped" in action.detail and rank == 0:
+                    print(f"[gradguard] {action.detail['stopped']}", file=sys.stderr, flush=True)
         exploding = any(v.key[0] == "exploding" and v.key[1] in ("growth", "update", "backward", "early")
                         for v in verdicts)
         diverging = any(v.key == ("exploding", "growth") for v in verdicts)
@@ -342,11 +359,32 @@ class Repairer:
         for decision in self.ladder.decide(h, n_rows, exploding, step, diverging, early, damaged):
             if decision in ("rollback", "rollback_initial"):
                 action = self.ladder.rollback(model, self.optimizer, step, initial=decision == "rollback_initial")
-                act(action)
-                if "stopped" in action.detail and rank == 0:
-                    print(f"[gradguard] {action.detail['stopped']}", file=sys.stderr, flush=True)
+                if action is not None:
+                    act(action)
+                    if "stopped" in action.detail and rank == 0:
+                        print(f"[gradguard] {action.detail['stopped']}", file=sys.stderr, flush=True)
             else:
                 assert isinstance(decision, Action)
                 act(decision)
         if self.ladder.healthy_for_snapshot(h, step, active or set()):
             self.ladder.take_snapshot(model, self.optimizer, step)
+
+    def _fused_skips(self, h: History, n_rows: int, step: int, act: Callable[[Action], None]) -> None:
+        """The skips a fused kernel made on the device (its ``found_inf``), logged once each at the read that
+        brings their rows: only the steps whose flag went to the kernel (``_flagged``). A host skip was logged
+        when it happened; a row of the step being taken now waits for its decision (``_note_device_skip``)."""
+        new = slice(len(h.steps) - n_rows, len(h.steps))
+        bad = ~np.isfinite(h.total[new])
+        if self.clip is not None:  # the total after gradguard's clip is in the flag too
+            bad |= ~np.isfinite(h.clipped[new])
+        for st in (int(s) for s in h.steps[new][bad]):
+            if st in self._flagged:
+                finite = bool(np.isfinite(h.total[new][h.steps[new] == st]).all())
+                why = f"non-finite gradients after gradguard's clip ({self._clip_name()})" if finite else \
+                    "non-finite gradients"
+                act(Action("skip_step", st, {"why": why, "fused": True}))
+            elif st >= step:
+                self._unresolved.add(st)
+        if n_rows:
+            last = int(h.steps[-1])
+            self._flagged = {s for s in self._flagged if s > last}

@@ -7,8 +7,10 @@ files under ``log_dir``, the console stream, the sinks; nothing on the model or 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import platform
 import time
 import warnings
@@ -43,26 +45,35 @@ class Outputs:
     def __init__(self, rank: int, console: bool | TextIO, log_dir: str | Path | None, sinks: Iterable[Sink],
                  meta: dict[str, Any]) -> None:
         if rank != 0:
-            console, log_dir = False, None
+            console = False
         self.actions = ActionLog()
         self.sinks: list[Sink] = []
         self.stats_sink: JsonlSink | None = None
         self.idle: list[Sink] = []  # the user's sinks on ranks other than 0: closed, never written
+        self.dropped: list[Sink] = []  # sinks that failed (one warning each): still closed at the end, quietly
         self.console: ConsoleSink | None = None
-        for sink in sinks:
-            if not (callable(getattr(sink, "write", None)) and callable(getattr(sink, "close", None))):
-                raise TypeError(f"a sink needs write(record) and close() methods; got {type(sink).__name__}")
+        user_sinks = _check_sinks(sinks)
+        checked = _check_log_dir(log_dir)  # on every rank: the same options fail the same way
+        self.log_dir = checked if rank == 0 else None
         if console:
             self.console = ConsoleSink(None if console is True else console)
             self.sinks.append(self.console)
-        self.log_dir = Path(log_dir) if log_dir is not None else None
+        self._meta = meta
         if self.log_dir is not None:
-            self.log_dir.mkdir(parents=True, exist_ok=True)
-            self.sinks.append(JsonlSink(self.log_dir / "events.jsonl"))
-            self.stats_sink = JsonlSink(self.log_dir / "stats.jsonl")
-            (self.log_dir / "meta.json").write_text(json.dumps(meta, indent=2))
+            events: JsonlSink | None = None
+            try:  # all or nothing: a file that cannot be written closes the ones opened before it
+                self.log_dir.mkdir(parents=True, exist_ok=True)
+                events = JsonlSink(self.log_dir / "events.jsonl")
+                self.stats_sink = JsonlSink(self.log_dir / "stats.jsonl")
+                write_meta(self.log_dir / "meta.json", meta)
+            except BaseException:
+                for opened in (events, self.stats_sink):
+                    if opened is not None:
+                        opened.close()
+                raise
+            self.sinks.append(events)
         self._own = len(self.sinks)  # console and events.jsonl take events only; the user's take stats too
-        for sink in sinks:
+        for sink in user_sinks:
             self.sinks.append(sink) if rank == 0 else self.idle.append(sink)
 
     @property
@@ -115,17 +126,85 @@ class Outputs:
                 del self.sinks[index]
                 if index < self._own:
                     self._own -= 1
-            self.idle.append(sink)  # still closed at the end
-            warnings.warn(f"gradguard stopped writing to {type(sink).__name__} after it failed ({type(e).__name__}: "
-                          f"{e}); monitoring and repair go on", SinkWarning, stacklevel=3)
+            self.dropped.append(sink)  # still closed at the end
+            warnings.warn(f"gradguard stopped writing to {_name(sink)} after it failed ({type(e).__name__}: {e}); "
+                          "monitoring and repair go on", SinkWarning, stacklevel=3)
+
+    def layers_changed(self, layers: list[tuple[str, int]]) -> None:
+        """The tracked layers changed (``optimizer.add_param_group`` after attach): ``meta.json`` is written again,
+        whole (a new file renamed over the old one), with the layers in their new order, so ``gradguard report``
+        names and orders them as the run now has them. A failure warns (naming the file) and changes nothing else.
+
+        Args:
+            layers: (name, number of elements) of every tracked layer, in report order.
+        """
+        if self.log_dir is None:
+            return
+        self._meta = {**self._meta, "layers": [{"name": n, "numel": k} for n, k in layers]}
+        try:
+            write_meta(self.log_dir / "meta.json", self._meta)
+        except OSError as e:
+            warnings.warn(f"gradguard could not update {self.log_dir / 'meta.json'} with the new layers "
+                          f"({type(e).__name__}: {e}); monitoring and repair go on", SinkWarning, stacklevel=2)
 
     def close(self) -> None:
         for s in self.sinks + self.idle + ([self.stats_sink] if self.stats_sink is not None else []):
             try:
                 s.close()
             except Exception as e:  # one sink failing to close must not keep the others open
-                warnings.warn(f"gradguard could not close {type(s).__name__} ({type(e).__name__}: {e})",
+                warnings.warn(f"gradguard could not close {_name(s)} ({type(e).__name__}: {e})",
                               SinkWarning, stacklevel=2)
+        for s in self.dropped:
+            try:
+                s.close()
+            except Exception:  # noqa: S110 - it failed once and was reported then: one warning per sink
+                pass
+        self.dropped = []
+
+
+def _name(sink: Sink) -> str:
+    """How a warning names a sink: a file sink by its path, any other by its class."""
+    return str(sink) if isinstance(sink, JsonlSink) else type(sink).__name__
+
+
+def _check_sinks(sinks: Any) -> list[Sink]:
+    """The ``sinks`` option as a list (a generator is read once), or a TypeError naming the option."""
+    if sinks is None or isinstance(sinks, (str, bytes, dict)) or not isinstance(sinks, Iterable):
+        raise TypeError(f"sinks must be a list of sinks (objects with write(record) and close() methods), got "
+                        f"{type(sinks).__name__}; pass sinks=[] for none")
+    out = list(sinks)
+    for sink in out:
+        if not (callable(getattr(sink, "write", None)) and callable(getattr(sink, "close", None))):
+            raise TypeError(f"a sink needs write(record) and close() methods; got {type(sink).__name__} in sinks=")
+    return out
+
+
+def _check_log_dir(log_dir: Any) -> Path | None:
+    """The ``log_dir`` option as a Path, or a TypeError naming the option."""
+    if log_dir is None:
+        return None
+    if isinstance(log_dir, bool) or not isinstance(log_dir, (str, os.PathLike)):
+        raise TypeError(f"log_dir must be a directory path (a str or pathlib.Path) or None, got "
+                        f"{type(log_dir).__name__} {log_dir!r:.40}")
+    return Path(log_dir)
+
+
+def write_meta(path: Path, meta: dict[str, Any]) -> None:
+    """Write ``meta.json`` whole: into a temporary file beside it, renamed over it, so a reader (or a process
+    killed mid-write) never sees half of it. Errors name ``path``.
+
+    Raises:
+        OSError: it could not be written (the temporary file is removed).
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(json.dumps(meta, indent=2))
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from e
 
 
 def stats_record(h: History, rows: np.ndarray, script_max_norm: float | None = None) -> dict[str, Any]:

@@ -3,7 +3,8 @@
 Run directory layout (``Guard(log_dir=...)``), schema version 1:
 
 - ``meta.json``: ``{"schema": 1, "gradguard": version, "torch": version, "layers": [{"name", "numel"}...],
-  "options": {...}, "started": ISO time}``.
+  "options": {...}, "started": ISO time}``. Written whole (a temporary file renamed over it) at attach, and again
+  when the tracked layers change (``optimizer.add_param_group`` after attach): ``layers`` is the run's newest list.
 - ``stats.jsonl``: one object per ``log_every`` steps: ``{"step", "loss" (null if not observed),
   "total_grad_norm", "total_grad_norm_max" (max over the steps since the previous line), "grad_norm_mean",
   "grad_norm_std" (running EMA of the total norm), "loss_mean", "loss_std", "grad_norm": {layer: value|null},
@@ -56,17 +57,33 @@ class JsonlSink:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._f: TextIO | None = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        self._failed = False  # a write failed: its line may still sit in the buffer
+
+    def __str__(self) -> str:
+        return str(self.path)  # how warnings name it: the file, not the class
 
     def write(self, record: dict[str, Any]) -> None:
         if self._f is None:
             return
-        self._f.write(json.dumps(_clean(record), allow_nan=False) + "\n")
-        self._f.flush()
+        try:
+            self._f.write(json.dumps(_clean(record), allow_nan=False) + "\n")
+            self._f.flush()
+        except BaseException:
+            self._failed = True
+            raise
 
     def close(self) -> None:
-        if self._f is not None:
-            self._f.close()
-            self._f = None
+        """Close the file. After a failed write the buffer still holds the line that failed, and closing flushes
+        it again (a full disk fails the same way): that second failure was already reported, so it is not raised
+        (the file is closed all the same)."""
+        f, self._f = self._f, None
+        if f is None:
+            return
+        try:
+            f.close()
+        except OSError:
+            if not self._failed:
+                raise
 
 
 class _Stretch:
