@@ -130,3 +130,53 @@ def test_accumulated_step_losses_are_the_scripts_own(tmp_path) -> None:
     assert len(want) == 6 and steps == list(range(6))
     for s, loss in zip(steps, got):
         assert abs(loss - want[s]) < 1e-5 * abs(want[s]), (s, loss, want[s])
+
+
+BY_HAND = """
+import torch
+from torch import nn
+torch.manual_seed(0)
+m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+for i in range(30):
+    m.zero_grad()
+    x = torch.randn(16, 4)
+    loss = (m(x) - x.sum(1, keepdim=True)).square().mean()
+    loss.backward()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(p.grad, alpha=-float(LR))  # hand-written SGD: no torch.optim optimizer
+print('done', loss.item())
+"""
+
+
+def test_repair_on_a_loop_without_an_optimizer_says_once_that_it_cannot_act(tmp_path) -> None:
+    script = tmp_path / "by_hand.py"
+    script.write_text(BY_HAND.replace("LR", "0.5"))  # far too high: it diverges, as --repair is meant for
+    plain = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    out = run("--repair", "--out", str(tmp_path / "r"), str(script))
+    assert out.returncode == plain.returncode == 0 and out.stdout == plain.stdout, out.stderr
+    said = [line for line in out.stderr.splitlines() if "--repair needs a torch.optim optimizer" in line]
+    assert len(said) == 1 and said[0].startswith("[gradguard] "), out.stderr
+    events = [json.loads(x) for x in (tmp_path / "r" / "events.jsonl").read_text().splitlines()]
+    notes = [e for e in events if e.get("type") == "note"]
+    assert [(e["kind"], e["step"]) for e in notes] == [("repair_unavailable", 0)]
+    assert notes[0]["message"] in said[0]
+    assert not [e for e in events if e.get("type") == "action"]  # nothing was repaired, and nothing claims it
+    diagnosed = [e for e in events if e.get("type") == "diagnosis"]
+    assert diagnosed, out.stderr  # it is still watched: the divergence is diagnosed
+    assert not [r for e in diagnosed for r in e["remedies"] if "repair='auto'" in r]  # not offered: cannot act
+    # Without --repair nothing is said about it.
+    quiet = run("--out", str(tmp_path / "q"), str(script))
+    assert "--repair" not in quiet.stderr
+    assert not [e for e in (json.loads(x) for x in (tmp_path / "q" / "events.jsonl").read_text().splitlines())
+                if e.get("type") == "note"]
+    # The report reads the note without complaint, and says what was and was not judged: units at the sampled
+    # steps, update sizes not at all (no optimizer; every update_ratio in stats.jsonl is null).
+    from gradguard.report.load import load_run
+    from gradguard.report.words import verdict
+
+    loaded = load_run(tmp_path / "r")
+    assert not loaded.notes, loaded.notes
+    findings = " ".join(verdict(loaded)[1])
+    assert "Update sizes: not measured (no optimizer" in findings and "Update sizes, dead" not in findings
+    assert notes[0]["message"] in findings

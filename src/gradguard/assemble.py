@@ -45,7 +45,8 @@ def build(model: nn.Module, optimizer: torch.optim.Optimizer | None, *, repair: 
     # checked only on sample steps must not look "gone" between two samples.
     judge = Judge(layers, [n for n, _ in named], thresholds, ema_beta, max(512, log_every + thresholds.window + 1),
                   max(thresholds.cooldown, 2 * sample_every))
-    judge.facts = model_facts(inner, repair, clip)  # read once here: the remedies then fit this model
+    # Read once here: the remedies then fit this model (and a loop without an optimizer is not offered repair).
+    judge.facts = model_facts(inner, repair, clip, optimizer is not None)
     meta = run_meta(__version__, type(inner).__name__, type(optimizer).__name__ if optimizer is not None else None,
                     list(zip(layers.names, layers.numel)),
                     {"log_every": log_every, "sample_every": sample_every, "ema_beta": ema_beta,

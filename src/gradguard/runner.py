@@ -164,8 +164,23 @@ class Watcher:
             guard = Guard(model, None, log_every=self.log_every, log_dir=self.out)
             self.watched.append((guard, model, None))
             guard.adopt_backward(root)  # this backward is its first step
+            if self.repair:
+                self._no_repair(guard.step)
         except Exception as e:  # the user's script must run on regardless
             _say(f"could not watch the model of this loop ({type(e).__name__}: {e}); the script runs on, unwatched")
+
+    def _no_repair(self, step: int) -> None:
+        """Say once, on stderr and in events.jsonl, that --repair cannot act on this loop: repair skips, backs off and
+        rolls back optimizer steps, and a loop that updates its weights itself has none."""
+        text = ("--repair needs a torch.optim optimizer: this loop updates its weights itself, so gradguard watches "
+                "it but cannot repair it (no optimizer step to skip, no learning rate to back off)")
+        _say(text)
+        record = {"type": "note", "kind": "repair_unavailable", "step": int(step), "message": text}
+        try:
+            with open(self.out / "events.jsonl", "a", encoding="utf-8") as f:  # the Guard's sink appends too
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            _say(f"could not note it in {self.out / 'events.jsonl'} ({e.strerror or e})")
 
     @property
     def guards(self) -> list[Guard]:

@@ -148,6 +148,33 @@ def test_exploding_advice_with_clipping_on_does_not_say_to_start_clipping() -> N
     assert TURN_ON_REPAIR in said(d)  # repair is off: still worth suggesting
 
 
+def test_a_loop_without_an_optimizer_is_never_told_to_turn_repair_on() -> None:
+    """Guard(repair='auto') needs an optimizer (it raises without one): a hand-written SGD loop that diverges or
+    meets NaN gets every other remedy, but not that one."""
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    x_all = torch.randn(512, 32, generator=gen)
+    y_all = (x_all @ torch.randn(32, 10, generator=gen)).argmax(1)
+    model = relu_mlp()
+    with gg.Guard(model, None, console=False) as g:  # each backward is a step
+        for i in range(40):
+            idx = torch.randint(0, 512, (64,), generator=gen)
+            x = x_all[idx] if i != 30 else torch.full((64, 32), math.nan)
+            loss = nn.functional.cross_entropy(model(x), y_all[idx])
+            model.zero_grad()
+            loss.backward()
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(p.grad, alpha=-50.0)  # far too high: it diverges at once
+    kinds = {d.kind for d in g.diagnoses}
+    assert {"exploding", "nonfinite"} <= kinds, [(d.step, d.kind) for d in g.diagnoses]
+    for d in g.diagnoses:
+        assert d.remedies and not any("repair='auto'" in r for r in d.remedies), (d.kind, d.remedies)
+    with_optimizer = advise(diag("nonfinite", 5, nonfinite.REMEDIES), ModelFacts())
+    assert TURN_ON_REPAIR in said(with_optimizer)  # control: with an optimizer it is offered
+    assert TURN_ON_REPAIR not in said(advise(diag("nonfinite", 5, nonfinite.REMEDIES), ModelFacts(optimizer=False)))
+
+
 # ------------------------------------------------------------------------------------------------ by hand
 
 

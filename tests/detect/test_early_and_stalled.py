@@ -84,8 +84,10 @@ def test_a_run_that_cannot_learn_is_stalled_and_says_what_was_ruled_out(seed: in
     found, losses = train_random_labels(seed)
     assert [d.kind for d in found] == ["stalled"]
     d = found[0]
-    assert d.step == 99  # the first full window of evidence
-    window = np.array(losses[:100])
+    # The first full window of evidence; a loss drifting down within its noise gets up to two windows after the
+    # start level (steps 10-42) to show a descent (stalled.SETTLE): random labels drift as the net memorises a few.
+    assert 99 <= d.step <= 42 + 2 * 100 + 25, d.step
+    window = np.array(losses[d.step - 99:d.step + 1])
     assert d.evidence["loss_mean"] == pytest.approx(window.mean(), rel=1e-5)
     assert d.evidence["loss_mean"] > 0.5 * np.log(10)  # near chance: ln(10) for 10 classes
     assert "Ruled out:" in d.message and "plateau" in d.message

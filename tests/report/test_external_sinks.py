@@ -22,7 +22,7 @@ STEPS, NAN_AT = 6, 4  # a NaN gradient at step 4: nonfinite diagnosis, then NaN 
 
 
 class Net(nn.Module):
-    """Layer names a tracker may refuse: "" (parameters of the model itself), "body.in[0]", "body.out$"."""
+    """Layer names a tracker may refuse: "(root)" (parameters of the model itself), "body.in[0]", "body.out$"."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -34,7 +34,7 @@ class Net(nn.Module):
 
 
 def _layers(model: Net) -> dict[str, list[nn.Parameter]]:
-    return {"": [model.scale], "body.in[0]": list(model.body["in[0]"].parameters()),
+    return {"(root)": [model.scale], "body.in[0]": list(model.body["in[0]"].parameters()),
             "body.out$": list(model.body["out$"].parameters())}
 
 
@@ -282,8 +282,8 @@ def test_mlflow_metrics_artifact_tags_and_names(tmp_path: Path, monkeypatch: pyt
         oracle, records = _train(MlflowSink())
     run_id = run.info.run_id
     client = mlflow.MlflowClient(tracking_uri=uri)
-    # Hand-written MLflow names: "" -> "_root_", "[", "]", "$" -> "_" (MLflow refuses them); dots kept.
-    names = {"": "_root_", "body.in[0]": "body.in_0_", "body.out$": "body.out_"}
+    # Hand-written MLflow names: "(root)" -> "_root_", "[", "]", "$" -> "_" (MLflow refuses them); dots kept.
+    names = {"(root)": "_root_", "body.in[0]": "body.in_0_", "body.out$": "body.out_"}
     for name, want in _expected(oracle, records).items():
         field, _, layer = name.partition("/")
         key = f"gradguard/{field}/{names[layer]}" if "/" in name else f"gradguard/{field}"

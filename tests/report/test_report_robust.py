@@ -232,8 +232,8 @@ CASES = [
     Case("events_unknown_type",
          lambda d: write(d, meta(), rows(), [{"type": "banana", "kind": "x", "step": 1}, {"kind": "x", "step": 1},
                                              DIAG]),
-         notes=['events.jsonl line 1: has type "banana", neither "diagnosis" nor "action"; skipped',
-                'events.jsonl line 2: has no type, neither "diagnosis" nor "action"; skipped']),
+         notes=['events.jsonl line 1: has type "banana", not "diagnosis", "action" or "note"; skipped',
+                'events.jsonl line 2: has no type, not "diagnosis", "action" or "note"; skipped']),
     Case("events_missing_keys",
          lambda d: write(d, meta(), rows(), [{"type": "diagnosis", "kind": "exploding", "step": 3},
                                              {"type": "diagnosis", "step": 3}, {"type": "action", "kind": "clip"}]),
@@ -263,13 +263,13 @@ CASES = [
                   remedies=["<a href=x>fix</a>"]),
              {"type": "action", "kind": "<x>", "step": 2, "detail": {"<k>": "<v>"}},
              {"type": XSS, "kind": "x", "step": XSS}]),
-         notes=['events.jsonl line 3: has type "<script>alert(1)</script>", neither "diagnosis" nor "action"; '
+         notes=['events.jsonl line 3: has type "<script>alert(1)</script>", not "diagnosis", "action" or "note"; '
                 "skipped"],
          page=[f"<td class=short>{XSS_ESCAPED}</td>", f"<td>{XSS_ESCAPED}<br><small>evidence: &lt;i&gt;k&lt;/i&gt; = "
                "&lt;b&gt;v&lt;/b&gt;</small>", "<li>&lt;a href=x&gt;fix&lt;/a&gt;</li>",
                "<td class=layers>&lt;svg onload=alert(1)&gt;</td>",
                "<li>&lt;x&gt; at step 2: &lt;k&gt;: &lt;v&gt;</li>",
-               f"<li>events.jsonl line 3: has type &quot;{XSS_ESCAPED}&quot;, neither",
+               f"<li>events.jsonl line 3: has type &quot;{XSS_ESCAPED}&quot;, not &quot;diagnosis&quot;",
                f"Problems found: {XSS_ESCAPED} (first at step 12)"],
          absent=["<svg", "<a href", "<i>", "<x>"]),
     Case("math_text_in_events",  # kinds and severities reach the plots' legends: never parsed as math

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from gradguard.stats.layers import build_layer_map, is_compiled, unwrap
+from gradguard.stats.layers import ROOT, build_layer_map, is_compiled, unwrap
 
 
 class Tied(nn.Module):
@@ -67,3 +67,55 @@ def test_reorder_keeps_parameter_mapping() -> None:
     for p, li in zip(lm.params, lm.layer_of):
         owner = lm.modules[li]
         assert any(p is q for q in owner.parameters(recurse=False))
+
+
+class OwnParameter(nn.Module):
+    """A model with a parameter of its own (a learned start state, as makemore's RNN.start) besides a layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.start = nn.Parameter(torch.zeros(1, 8))
+        self.fc = nn.Linear(8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.tanh(x + self.start))
+
+
+def test_the_models_own_parameters_are_the_layer_root() -> None:
+    lm = build_layer_map(OwnParameter(), None)
+    assert lm.names == [ROOT, "fc"] and ROOT == "(root)"
+    assert lm.param_names == ["start", "fc.weight", "fc.bias"]  # parameter names stay the model's own
+    assert lm.numel == [8, 9]
+    # Forward order arrives as module names, where the model itself is "": it still finds its layer.
+    lm.reorder(["fc", ""])
+    assert lm.names == ["fc", ROOT] and lm.layer_of == [1, 0, 0]
+    # A bare layer used as the model is its own root.
+    assert build_layer_map(nn.Linear(2, 2), None).names == [ROOT]
+
+
+def test_root_layer_reads_the_same_in_console_events_stats_and_meta(tmp_path) -> None:
+    import io
+    import json
+
+    import gradguard as gg
+
+    torch.manual_seed(0)
+    m = OwnParameter()
+    opt = torch.optim.SGD(m.parameters(), lr=50.0)  # far too high: a diagnosis names the layers
+    console = io.StringIO()
+    with gg.Guard(m, opt, console=console, log_dir=tmp_path) as guard:
+        for _ in range(12):
+            x = torch.randn(64, 8)
+            loss = (m(x) - x.sum(1, keepdim=True)).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        found = guard.diagnoses
+    named = [d for d in found if d.layers]
+    assert named and all("" not in d.layers for d in found)
+    assert ROOT in {n for d in named for n in d.layers}
+    assert f"'{ROOT}'" in console.getvalue() and "''" not in console.getvalue()
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    assert [entry["name"] for entry in meta["layers"]] == [ROOT, "fc"]
+    rows = [json.loads(line) for line in (tmp_path / "stats.jsonl").read_text().splitlines()]
+    assert rows and all(set(r["grad_norm"]) == {ROOT, "fc"} for r in rows)

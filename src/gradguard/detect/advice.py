@@ -6,7 +6,8 @@ the Guard knows about the model and about itself, collected once at attach (``mo
 - the activation, recurrent and normalisation module types present: a ReLU net is not told to drop sigmoid for
   ReLU, an LSTM is not told to use a gated recurrent layer, a model with LayerNorm is not told to add normalisation;
 - the Guard options in force: with ``repair="auto"`` on, no remedy says to turn it on; with ``clip=`` set, no
-  remedy says to start clipping;
+  remedy says to start clipping; without an optimizer (a loop that updates its weights itself) no remedy offers
+  ``repair="auto"``, which acts on optimizer steps;
 - the diagnoses already reported: a consequence names its cause (dead or saturated units, or NaN/Inf, reported
   after a gradient explosion: "fix the explosion at step N first").
 
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from ..types import Diagnosis
-from . import early, exploding, nonfinite, units, vanishing
+from . import early, exploding, nonfinite, stalled, units, vanishing
 
 SATURATING = (nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Softsign, nn.Hardsigmoid)
 NON_SATURATING = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
@@ -52,6 +53,8 @@ class ModelFacts:
         norms: class names of the normalisation modules present (BatchNorm1d, LayerNorm, ...).
         repair: ``repair="auto"`` is on.
         clip: the clipping gradguard applies (``clip=``), as text, or None.
+        optimizer: a torch.optim optimizer steps the weights (False: the loop updates them itself; repair, which
+            skips, backs off and rolls back optimizer steps, cannot act).
     """
 
     saturating: tuple[str, ...] = ()
@@ -60,15 +63,16 @@ class ModelFacts:
     norms: tuple[str, ...] = ()
     repair: bool = False
     clip: str | None = None
+    optimizer: bool = True
 
 
-def model_facts(model: nn.Module, repair: bool, clip: object | None) -> ModelFacts:
+def model_facts(model: nn.Module, repair: bool, clip: object | None, optimizer: bool = True) -> ModelFacts:
     """Read the facts once, at attach.
 
     Args:
         model: the model (unwrapped: names as in ``model.named_modules()``).
         repair: whether ``repair="auto"`` is on. clip: the ``clip=`` option (a max norm, a method name, a
-            ClipMethod or None).
+            ClipMethod or None). optimizer: whether the Guard has an optimizer.
 
     Returns:
         The facts.
@@ -88,7 +92,7 @@ def model_facts(model: nn.Module, repair: bool, clip: object | None) -> ModelFac
         elif isinstance(m, NON_SATURATING):
             acts = True
     clip_text = None if clip is None else (str(clip) if isinstance(clip, (int, float, str)) else type(clip).__name__)
-    return ModelFacts(tuple(sat), acts, recurrent, tuple(norms), bool(repair), clip_text)
+    return ModelFacts(tuple(sat), acts, recurrent, tuple(norms), bool(repair), clip_text, bool(optimizer))
 
 
 def _cause(d: Diagnosis, earlier: Sequence[Diagnosis]) -> Diagnosis | None:
@@ -154,7 +158,7 @@ def _rewrite(remedy: str, d: Diagnosis, f: ModelFacts, clip: str | None) -> str 
                     "threshold bounds each step harder, a lower learning rate removes the cause")
         return None if f.repair else remedy  # repair's ladder clips spikes adaptively
     if remedy in (exploding.REMEDIES[2], early.REMEDIES[2], nonfinite.REMEDIES[0]):  # "turn repair='auto' on"
-        return None if f.repair else remedy
+        return None if f.repair or not f.optimizer else remedy  # on already, or nothing for it to act on
     if remedy == nonfinite.REMEDIES[1] and clip is not None:  # "lower the lr, or clip gradients"
         return f"lower the learning rate (the gradients are already clipped, {clip})"
     return remedy
@@ -178,6 +182,8 @@ def advise(d: Diagnosis, facts: ModelFacts, earlier: Sequence[Diagnosis] = ()) -
     own = [r for r in d.remedies if cause is None or r != nonfinite.REMEDIES[1]]
     remedies = [r for r in (_rewrite(r, d, facts, clip) for r in own) if r is not None]
     message = d.message
+    if not facts.optimizer:  # why update sizes are unknown, now that it is known
+        message = message.replace(stalled.UNMEASURED, stalled.NO_OPTIMIZER)
     if cause is not None:
         what = f"{CAUSES[d.kind][1]} at step {cause.step}"
         where = f" in '{cause.layers[0]}'" if cause.kind == "dead_units" and cause.layers else ""

@@ -179,6 +179,7 @@ class History:
     acts_version: int = 0  # bumped by add_act: unit detectors only need to run when it moved
     spike_watch: list[int] = field(default_factory=list)
     exploded: tuple[int, float] | None = None
+    stall_start: tuple[float, float, int, int] | None = None  # the stall rule's start level (see stalled.py)
     # Results computed once per host read and shared by the detectors that ask (see ``memo``); None outside a
     # read, so code that changes a history by hand (tests, a loaded state) never reads a stale value.
     _memo: dict[Any, Any] | None = None

@@ -57,6 +57,12 @@ class Run:
         return [e for e in self.events if e["type"] == "action"]
 
     @property
+    def remarks(self) -> list[dict[str, Any]]:
+        """What gradguard said once about the run (events of type "note"), as opposed to ``notes``, which are what
+        reading the files found wrong with them."""
+        return [e for e in self.events if e["type"] == "note"]
+
+    @property
     def thresholds(self) -> dict[str, Any]:
         """``options.thresholds`` of meta.json (empty when absent or malformed)."""
         options = self.meta.get("options")

@@ -11,7 +11,7 @@ Choices, and why:
 - Metric names may only hold letters, digits, ``_ - . / space`` (and ``:`` except on Windows), must not resolve to
   another path (no empty, ``.`` or ``..`` part) and are at most 250 characters. Layer names are module paths
   (dots are fine) but a ``ModuleDict`` key may hold anything, and the model's own parameters have the layer name
-  "": such characters become ``_`` and "" becomes ``_root_``.
+  "(root)": such characters become ``_`` ("(root)" becomes ``_root_``).
 - NaN and Inf are logged as they are. MLflow keeps NaN in every backend; its database backends store +/-Inf as
   +/-1.8e308 (the file store keeps Inf). The diagnosis naming the non-finite step is in the artifact either way.
 - Diagnoses and actions: ``{prefix}/events.jsonl``, the same lines as a run directory's events.jsonl (NaN written

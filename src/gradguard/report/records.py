@@ -210,11 +210,11 @@ def strings(x: Any) -> tuple[list[str], bool]:
 
 
 def event(obj: dict[str, Any], name: str, i: int, notes: list[Note]) -> dict[str, Any] | None:
-    """A normalised events line, or None (with a note) when it is neither a diagnosis nor an action with a step."""
+    """A normalised events line, or None (with a note) when it is not a diagnosis, action or note with a step."""
     typ = obj.get("type")
-    if typ not in ("diagnosis", "action"):
+    if typ not in ("diagnosis", "action", "note"):
         what = "has no type" if "type" not in obj else f"has type {show(typ)}"
-        notes.append(Note(name, i, f"{what}, neither \"diagnosis\" nor \"action\"; skipped"))
+        notes.append(Note(name, i, f"{what}, not \"diagnosis\", \"action\" or \"note\"; skipped"))
         return None
     kind, step = obj.get("kind"), whole(obj.get("step"))
     if not isinstance(kind, str) or not kind or step is None:
@@ -227,7 +227,13 @@ def event(obj: dict[str, Any], name: str, i: int, notes: list[Note]) -> dict[str
         return None
     ev: dict[str, Any] = {"type": typ, "kind": kind, "step": step, "line": i}
     fixed = []  # fields that were not as the schema says: shown as well as possible, and said so
-    if typ == "action":
+    if typ == "note":  # something gradguard said once about the run (``gradguard run --repair`` without optimizer)
+        message = obj.get("message")
+        if not isinstance(message, str):
+            fixed.append("no message" if message is None else f"message is {kind_of(message)}")
+            message = "" if message is None else show(message, 200)
+        ev["message"] = message
+    elif typ == "action":
         detail = obj.get("detail", {})
         if not isinstance(detail, dict):
             fixed.append(f"detail is {kind_of(detail)}")

@@ -293,11 +293,17 @@ def verdict(run: Run) -> tuple[str, list[str], str]:
         lines.append(f"gradguard acted: {action_counts(run.actions)} (below).")
     samples = update_samples(run)
     every = run.meta.get("options", {}).get("sample_every") if isinstance(run.meta.get("options"), dict) else None
-    if samples:
+    no_optimizer = "optimizer" in run.meta and run.meta["optimizer"] is None  # a loop that updates weights itself
+    if samples and no_optimizer and not any(v is not None for _, ratios in samples for v in ratios.values()):
+        lines.append("Update sizes: not measured (no optimizer: the loop changes its weights itself, out of "
+                     f"gradguard's sight). Dead and saturated units: judged at {plural(len(samples), 'sampled step')}.")
+    elif samples:
         lines.append(f"Update sizes, dead and saturated units: judged at {plural(len(samples), 'sampled step')}.")
     else:
         lines.append("Update sizes, dead and saturated units: not judged, no step was sampled"
                      + (f" (one every {fmt(every)} steps)." if every is not None else "."))
+
+    lines.extend(f"gradguard said at step {fmt(e['step'])}: {e['message']}" for e in run.remarks if e["message"])
 
     if diags:
         worst = next(s for s in ("error", "warning", "info", None)

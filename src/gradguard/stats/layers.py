@@ -1,9 +1,11 @@
 """Which layer owns which parameter.
 
 A *layer* is the module that directly owns a parameter (``module.named_parameters(recurse=False)``), named by its
-qualified name in ``model.named_modules()``. A parameter shared by several modules (tied embeddings) belongs to
-the first module that owns it, so it is counted once. Wrappers (DataParallel, DistributedDataParallel,
-``torch.compile``) are looked through so names carry no ``module.`` or ``_orig_mod.`` prefix.
+qualified name in ``model.named_modules()``; parameters registered on the model itself (an ``nn.Parameter``
+attribute of the root module, a learned start state) form the layer ``ROOT``, "(root)", since the root's qualified
+name is empty. A parameter shared by several modules (tied embeddings) belongs to the first module that owns it, so
+it is counted once. Wrappers (DataParallel, DistributedDataParallel, ``torch.compile``) are looked through so names
+carry no ``module.`` or ``_orig_mod.`` prefix.
 """
 
 from __future__ import annotations
@@ -13,6 +15,14 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+ROOT = "(root)"  # the layer of the parameters the model registers on itself (the report shows the same name)
+
+
+def layer_name(module_name: str) -> str:
+    """The layer name of the module called ``module_name`` in ``model.named_modules()``: the name itself, or
+    ``ROOT`` for the model (whose name is empty: a layer named '' reads as nothing in a message)."""
+    return module_name or ROOT
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -83,8 +93,11 @@ class LayerMap:
         return [ParamGroup(d, t, pos) for (d, t), pos in by_key.items()]
 
     def reorder(self, order: list[str]) -> None:
-        """Put layers in ``order`` (e.g. the order forward calls them); layers not in it keep their place after."""
-        rank = {n: i for i, n in enumerate(order)}
+        """Put layers in ``order`` (e.g. the order forward calls them; module names, the model's own "" included);
+        layers not in it keep their place after."""
+        rank: dict[str, int] = {}
+        for i, n in enumerate(order):
+            rank.setdefault(layer_name(n), i)
         new = sorted(range(len(self.names)), key=lambda i: (rank.get(self.names[i], len(rank)), i))
         old_to_new = {old: new_i for new_i, old in enumerate(new)}
         self.names = [self.names[i] for i in new]
@@ -145,12 +158,13 @@ def build_layer_map(model: nn.Module, optimizer: torch.optim.Optimizer | None) -
     layer_of: list[int] = []
     numel: list[int] = []
     for mod_name, full, module, p in chosen:
-        if mod_name not in index:
-            index[mod_name] = len(names)
-            names.append(mod_name)
+        name = layer_name(mod_name)
+        if name not in index:
+            index[name] = len(names)
+            names.append(name)
             modules.append(module)
             numel.append(0)
-        li = index[mod_name]
+        li = index[name]
         params.append(p)
         param_names.append(full)
         layer_of.append(li)
