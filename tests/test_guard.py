@@ -331,10 +331,12 @@ def test_internal_failure_switches_off_and_training_continues(monkeypatch) -> No
     opt = torch.optim.SGD(m.parameters(), lr=0.01)
     guard = gg.Guard(m, opt, console=False)
 
-    def boom(self, tensors):
+    def boom(self, tensors, *args):
         raise RuntimeError("boom")
 
+    # Every norm gradguard takes fails: the device fold and the CPU host path's Python fold alike.
     monkeypatch.setattr("gradguard.stats.norms.LayerNorms.__call__", boom)
+    monkeypatch.setattr("gradguard.stats.norms.LayerNorms.host_with_total", boom)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(3):

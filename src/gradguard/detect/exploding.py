@@ -254,15 +254,22 @@ def step_candidates(h: History, rows: range, t: Thresholds) -> list[int]:
     Returns:
         Row indices, ascending.
     """
-    idx = np.arange(rows.start, rows.stop)
-    total, z = h.total[idx], h.z[idx]
-    bad = ~np.isfinite(total) | (h.loss_seen[idx] & ~np.isfinite(h.loss[idx])) | ~np.isfinite(h.grad[idx]).all(1)
-    base = h.baseline_total(int(h.steps[idx[-1]]) + 1) if len(idx) else None
-    early = h.finite_count[idx] <= len(h.first_totals)  # baseline still forming: judge these rows one by one
-    grow = early | ((total > t.growth_factor * base) if base else np.zeros(len(idx), dtype=bool))
+    lo, hi = max(0, rows.start), rows.stop
+    if hi <= lo:
+        return []
+    sl = slice(lo, hi)  # views, not copies: this runs at every read
+    total = h.total[sl]
+    flag = ~np.isfinite(total)  # non-finite total, loss or layer norm
+    flag |= h.loss_seen[sl] & ~np.isfinite(h.loss[sl])
+    flag |= ~np.isfinite(h.grad[sl]).all(1)
+    flag |= h.finite_count[sl] <= len(h.first_totals)  # baseline still forming: judge these rows one by one
+    base = h.baseline_total(int(h.steps[hi - 1]) + 1)
+    if base:
+        flag |= total > t.growth_factor * base
     # the smaller spikes go on watch (detect_exploding_step)
-    spike = (z > t.spike_z) | (total > t.watch_ratio * h.mean[idx])
-    return [int(i) for i in idx[bad | grow | spike]]
+    flag |= h.z[sl] > t.spike_z
+    flag |= total > t.watch_ratio * h.mean[sl]
+    return (np.flatnonzero(flag) + lo).tolist()
 
 
 def detect_exploding_window(h: History, t: Thresholds) -> Verdict | None:
