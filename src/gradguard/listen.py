@@ -12,6 +12,7 @@ gradguard stands aside (``Wiring.internal_failure``), the script goes on.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -28,6 +29,15 @@ def _grad_key(p: torch.Tensor) -> tuple[int, int]:
         return (id(g), g._version)
     except RuntimeError:  # an inference tensor has no version counter
         return (id(g), -1)
+
+
+def _grad_keys(params: Sequence[torch.Tensor]) -> list[tuple[int, int]]:
+    """``_grad_key`` of each parameter; at every backward, so one comprehension (no call per parameter) unless a
+    gradient has no version counter."""
+    try:
+        return [(0, -1) if (g := p.grad) is None else (id(g), g._version) for p in params]
+    except RuntimeError:
+        return [_grad_key(p) for p in params]
 
 
 class ScriptListener:
@@ -59,23 +69,23 @@ class ScriptListener:
         script_hooks.stop(self)
 
     def probe(self) -> Any:
-        return [_grad_key(p) for p in self.probes] if self.wiring.live() else None
+        return _grad_keys(self.probes) if self.wiring.live() else None
 
     def backward_done(self, root: torch.Tensor | None, probe: Any) -> None:
         w = self.wiring
         if probe is None or not w.live():
             return
         try:
-            after = [_grad_key(p) for p in self.probes]
+            after = _grad_keys(self.probes)
             if probe == after:
                 return  # the backward did not reach this model's parameters
             self.backwards += 1
             if self.auto_loss and root is not None:
                 # A backward that added to no existing gradient (they were set to None) starts a new accumulation:
                 # roots of earlier backwards whose step never came (a GradScaler skip) are not this step's loss.
-                if not any(b[0] != 0 and b[0] == a[0] for b, a in zip(probe, after)):
+                if all(b[0] == 0 or b[0] != a[0] for b, a in zip(probe, after)):
                     w.recorder.new_accumulation()
-                w.recorder.observe_backward_loss(script_hooks.unscaled(root))
+                w.recorder.observe_backward_loss(root)
             if self.step_on_backward and w.optimizer is None:
                 self.end_open_step()
                 w.record_step(snapshot=False)

@@ -14,6 +14,8 @@ from ..types import Action
 
 def closure_given(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     """Whether ``optimizer.step`` was called with a closure (the hooks see ``args = (optimizer, closure)``)."""
+    if not kwargs and len(args) <= 1:  # step() at every step of most loops: no generator to build
+        return bool(args) and callable(args[0])  # the hooks' optimizer is not callable; a closure is
     return kwargs.get("closure") is not None or any(callable(a) for a in args)
 
 

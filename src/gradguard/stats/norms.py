@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from itertools import compress, repeat
+from operator import is_not
 from typing import cast
 
 import torch
@@ -20,6 +22,8 @@ from .layers import LayerMap
 #: Value written for a layer that had no gradient at a step (frozen this step, unused branch). Norms are >= 0,
 #: and NaN/Inf are taken, so -1 cannot be confused with a measurement.
 ABSENT = -1.0
+
+_item = torch.Tensor.item
 
 
 class LayerNorms:
@@ -96,8 +100,7 @@ class LayerNorms:
             ``(squares, absent_mask)``: a float32 vector of length ``num_layers``, and a bool vector (or None when
             every layer is present). ``finish`` turns them into norms.
         """
-        present = tuple(i for i, t in enumerate(tensors) if t is not None)
-        plan = self._plan(present)
+        plan = self._plan(_present(tensors))
         out = torch.float64 if wide else torch.float32
         sq = torch.zeros(self.layers.num_layers, dtype=out, device=self.device)
         for pos, idx in plan.groups:
@@ -108,10 +111,10 @@ class LayerNorms:
         return sq, plan.mask
 
     def _foreach_norms(self, tensors: Sequence[torch.Tensor | None], pos: list[int],
-                       wide: bool) -> list[torch.Tensor]:
+                       wide: bool) -> tuple[torch.Tensor, ...]:
         """The norms of the tensors at ``pos`` (one device and dtype): one fused kernel."""
         # positions in the plan are present ones: never None
-        group = (cast(list[torch.Tensor], [tensors[i] for i in pos]) if self._plain
+        group = (cast(list[torch.Tensor], list(map(tensors.__getitem__, pos))) if self._plain
                  else [_dense(local(tensors[i])) for i in pos])
         # At least fp32 accumulation, so bf16/fp16 gradients neither overflow nor lose the small ones (float64
         # stays float64).
@@ -123,7 +126,7 @@ class LayerNorms:
             # A sparse gradient (nn.Embedding(sparse=True)): the kernel has no sparse version; rare, so found by
             # its error rather than checked on every tensor of every step.
             norms = torch._foreach_norm([_dense(t) for t in group], 2, dtype=acc)
-        return list(norms)
+        return norms
 
     def host_with_total(self, tensors: Sequence[torch.Tensor | None]) -> tuple[list[float], float]:
         """``with_total`` for statistics on the CPU, folded in Python: the fused norm per (dtype) group is the only
@@ -137,18 +140,17 @@ class LayerNorms:
             Squares are summed in double precision, so per-tensor norms up to float32's maximum give a finite
             total.
         """
-        plan = self._plan(tuple(i for i, t in enumerate(tensors) if t is not None))
+        plan = self._plan(_present(tensors))
         sq = [0.0] * self.layers.num_layers
         for pos, idx in plan.host_groups:
             norms = self._foreach_norms(tensors, pos, wide=False)
             # CPU tensors: reading them is a memory load, not a sync. One stack beats many reads past ~16.
-            values = [v.item() for v in norms] if len(norms) <= 16 else torch.stack(norms).tolist()
+            values = list(map(_item, norms)) if len(norms) <= 16 else torch.stack(norms).tolist()
             for layer, v in zip(idx, values):
                 sq[layer] += v * v
-        out = [math.sqrt(v) for v in sq]
-        if plan.host_absent:
-            for layer in plan.host_absent:
-                out[layer] = ABSENT
+        out = list(map(math.sqrt, sq))
+        for layer in plan.host_absent:
+            out[layer] = ABSENT
         return out, math.sqrt(sum(sq))
 
     def with_total(self, tensors: Sequence[torch.Tensor | None],
@@ -191,6 +193,11 @@ def finish(sq: torch.Tensor, absent_mask: torch.Tensor | None) -> torch.Tensor:
     if absent_mask is not None:
         out = torch.where(absent_mask, torch.full_like(out, ABSENT), out)
     return out
+
+
+def _present(tensors: Sequence[torch.Tensor | None]) -> tuple[int, ...]:
+    """Positions of the tensors that are not None, through C iterators (this runs at every step)."""
+    return tuple(compress(range(len(tensors)), map(is_not, tensors, repeat(None))))
 
 
 def _dense(t: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,7 @@ from torch import nn
 from .activations import ActivationSampler
 from .distributed import all_reduce_sum, is_sharded, local, world
 from .layers import LayerMap
+from .loss_tally import LossTally
 from .measured import HostRead, Measured
 from .norms import LayerNorms, finish, total_norm
 
@@ -67,19 +68,14 @@ class StepRecorder:
         self.step = 0  # optimizer steps taken since attach (or restored by load_state_dict)
         self.last_total: torch.Tensor | float | None = None  # a float on the host path
         self._zero = torch.zeros((), dtype=torch.float32, device=self.device)  # read-only: stacked into rows
-        self._loss_sum: torch.Tensor | None = None  # device sum of observed loss tensors this step
-        self._loss_host = 0.0  # sum of observed Python numbers (kept on the host: no copy to the device)
-        self._loss_n = 0
-        # Losses seen at backward (the roots a script called .backward() on); used when nothing was given to
-        # observe_loss this step: an explicit loss wins.
-        self._auto: list[torch.Tensor] = []
+        self.losses = LossTally(self.device, self.host)  # this step's loss, until it is measured
         self.script_max_norm: float | None = None  # the max_norm of the script's own clip_grad_norm_, once seen
         self._norms: LayerNorms | None = None
         self._rows: list[Any] = []  # device tensors, or lists of floats on the host path
         self._row_steps: list[int] = []
         self._row_loss_seen: list[bool] = []
         # (step, weight norms, update norms [+ weight norms after the step] or None)
-        self._samples: list[tuple[int, torch.Tensor, torch.Tensor | None]] = []
+        self._samples: list[tuple[int, Any, Any]] = []  # device tensors, or NumPy on the host path
         self._snapshot: tuple[int, torch.Tensor, list[torch.Tensor] | tuple[torch.Tensor, ...]] | None = None
         self._acts: list[tuple[int, str, int, str, torch.Tensor]] = []
         self._times: list[tuple[int, str, torch.Tensor, torch.Tensor, int]] = []
@@ -93,29 +89,15 @@ class StepRecorder:
 
     def observe_loss(self, loss: torch.Tensor | float) -> None:
         """Add one observed loss to this step's (averaged at the step); a tensor stays on the device."""
-        if isinstance(loss, torch.Tensor):
-            value = loss.detach()
-            # Shape, device and dtype are host metadata: convert only what differs (one kernel fewer per step).
-            if value.dim() != 0:
-                value = value.reshape(())
-            if value.device != self.device or value.dtype != torch.float32:
-                value = value.to(device=self.device, dtype=torch.float32, non_blocking=True)
-            self._loss_sum = value if self._loss_sum is None else self._loss_sum + value
-        else:
-            self._loss_host += float(loss)
-        self._loss_n += 1
+        self.losses.observe(loss)
 
-    def observe_backward_loss(self, loss: torch.Tensor) -> None:
-        """A loss seen as the root of a backward (detached, unscaled; device tensor, no sync)."""
-        if loss.dim() != 0:
-            loss = loss.reshape(())
-        if loss.device != self.device or loss.dtype != torch.float32:
-            loss = loss.to(device=self.device, dtype=torch.float32, non_blocking=True)
-        self._auto.append(loss)
+    def observe_backward_loss(self, root: torch.Tensor) -> None:
+        """A backward's root, this step's loss unless one is given to ``observe_loss`` (see ``LossTally``)."""
+        self.losses.observe_root(root)
 
     def new_accumulation(self) -> None:
         """The gradients start from nothing: backward roots kept so far belong to no step that will come."""
-        self._auto = []
+        self.losses.auto = []
 
     def note_script_clip(self, max_norm: float) -> None:
         """The script clips this step's gradients (already recorded) at ``max_norm``: the row's post-clip total
@@ -151,45 +133,29 @@ class StepRecorder:
 
     def measure(self, optimizer: Any, found_inf: torch.Tensor | None = None) -> Measured:
         """This step's gradient norms and loss, as device tensors (the per-step path: no host read)."""
-        if self._loss_n == 0 and self._auto:  # no explicit loss this step: the backward roots stand in
-            # Their sum: the objective whose gradient this step applies (accumulated gradients add up). With
-            # accumulation written as (loss / accum).backward() it is the mean micro-batch loss, what the script
-            # means by its loss; an average would read 1/accum of it.
-            for value in self._auto:
-                self._loss_sum = value if self._loss_sum is None else self._loss_sum + value
-            self._loss_n = 1
-        self._auto = []
+        seen = self.losses.settle()
         sample = self.step % self.sample_every == 0
         wnorm: torch.Tensor | None = None
         if self.host:
-            return self._measure_host(optimizer, found_inf)
+            return self._measure_host(optimizer, found_inf, seen)
         if self.sharded:
             gnorm, wnorm, loss_pair = self._reduced_norms(sample)
-        if not self.sharded:
-            gnorm, total = self._grad_norms(optimizer, wide=False)
-        else:
             gnorm, total = self._unscaled(optimizer, gnorm, None)
+        else:
+            gnorm, total = self._grad_norms(optimizer, wide=False)
         scaler_inf = found_inf if found_inf is not None else getattr(optimizer, "found_inf", None)
         self.last_total = total
-        seen = self._loss_n > 0
         if self.sharded:
             loss = loss_pair[0] / loss_pair[1].clamp_min(1.0)  # the mean over ranks of each rank's loss
         elif self.world > 1:
-            pair = all_reduce_sum(self._local_loss_pair())  # DDP: the gradients agree already; the loss does not
+            pair = all_reduce_sum(self.losses.local_pair())  # DDP: the gradients agree already; the loss does not
             loss = pair[0] / pair[1].clamp_min(1.0)
-        elif self._loss_n == 1 and self._loss_sum is not None:
-            loss = self._loss_sum  # one loss tensor this step (the common case): already a float32 scalar here
-        elif seen:
-            loss = torch.full((), self._loss_host, dtype=torch.float32, device=self.device)  # a fill, not a copy
-            if self._loss_sum is not None:
-                loss = loss + self._loss_sum
-            loss = loss / self._loss_n
         else:
-            loss = self._zero
-        self._loss_sum, self._loss_host, self._loss_n = None, 0.0, 0
+            loss = self.losses.device_mean(self._zero)
+        self.losses.reset()
         return Measured(gnorm, total, loss, seen, scaler_inf if isinstance(scaler_inf, torch.Tensor) else None, wnorm)
 
-    def _measure_host(self, optimizer: Any, found_inf: torch.Tensor | None) -> Measured:
+    def _measure_host(self, optimizer: Any, found_inf: torch.Tensor | None, seen: bool) -> Measured:
         """``measure`` with the statistics on the CPU: folded and kept on the host (every read here is a memory
         load, not a sync)."""
         gnorm, total = self.norms().host_with_total([p.grad for p in self.layers.params])
@@ -199,13 +165,7 @@ class StepRecorder:
             gnorm = [v / s if v >= 0 else v for v in gnorm]
             total = total / s
         scaler_inf = found_inf if found_inf is not None else getattr(optimizer, "found_inf", None)
-        seen = self._loss_n > 0
-        loss = 0.0
-        if seen:
-            # a CPU tensor: reading it is a memory load
-            loss = self._loss_host + (self._loss_sum.item() if self._loss_sum is not None else 0.0)
-            loss = loss / self._loss_n if self._loss_n > 1 else loss
-        self._loss_sum, self._loss_host, self._loss_n = None, 0.0, 0
+        loss = self.losses.host_mean()
         self.last_total = total
         return Measured(gnorm, total, loss, seen, scaler_inf if isinstance(scaler_inf, torch.Tensor) else None,
                         None, host=True)
@@ -261,9 +221,11 @@ class StepRecorder:
             wnorm = m.wnorm if m.wnorm is not None else self._layer_norms(detached)
             # Where a read is allowed (free on the CPU), weights whose float32 squares overflow are measured in
             # float64 (sample steps only); a weight norm is never reported infinite for finite weights there.
-            if may_read and not self.sharded and not bool(torch.isfinite(wnorm).all()):
+            if may_read and not self.sharded and not (all(map(math.isfinite, wnorm)) if self.host
+                                                      else bool(torch.isfinite(wnorm).all())):
                 wsq, absent = self.norms().squares(detached, wide=True)
                 wnorm = finish(wsq, absent).float()
+                wnorm = wnorm.numpy() if self.host else wnorm  # the host path keeps NumPy
             if snapshot and self.with_optimizer:
                 # Transient copy of the weights on sample steps only, for ||w_after - w_before|| after the step.
                 self._snapshot = (self.step, wnorm, torch._foreach_mul(detached, 1.0))
@@ -296,29 +258,22 @@ class StepRecorder:
             # ||w_after|| too: with ||w_before|| and ||dw|| it gives the update's part across the weights, apart
             # from the radial shrinking of weight decay (History.update_ratios, orthogonal=True).
             after = self._layer_norms([local(p.detach()) for p in self.layers.params])
-            self._samples.append((step, wnorm, torch.cat([self._layer_norms(before), after])))
+            update = self._layer_norms(before)
+            self._samples.append((step, wnorm, np.concatenate([update, after]) if self.host
+                                  else torch.cat([update, after])))
 
-    def _layer_norms(self, tensors: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> torch.Tensor:
+    def _layer_norms(self, tensors: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> Any:
         """Per-layer norms of a sample (weights, update) as a float32 vector. With the statistics on the CPU: one
-        fused norm folded in Python floats (each torch operator of the device fold costs 2-7 us of dispatch on
-        small tensors); elsewhere the device fold (no host read)."""
+        fused norm folded in Python floats, kept as NumPy (each torch operator of the device fold costs 2-7 us of
+        dispatch on small tensors, ``torch.tensor`` 10 us); elsewhere the device fold (no host read)."""
         if self.host:
-            return torch.tensor(self.norms().host_with_total(tensors)[0], dtype=torch.float32)
+            return np.array(self.norms().host_with_total(tensors)[0], dtype=np.float32)
         return self.norms()(tensors)
 
     def end_step(self) -> None:
         self.step += 1
         if self.step % self.sample_every == 0 and not self.compiled:
             self.sampler.arm()  # the next forward is a sampled one
-
-    def _local_loss_pair(self) -> torch.Tensor:
-        """``[mean loss this step, 1]`` on this rank, or ``[0, 0]`` when no loss was observed (a fill, no copy)."""
-        if self._loss_n == 0:
-            return torch.zeros(2, dtype=torch.float32, device=self.device)
-        loss = torch.full((), self._loss_host, dtype=torch.float32, device=self.device)
-        if self._loss_sum is not None:
-            loss = loss + self._loss_sum
-        return torch.stack([loss / self._loss_n, torch.ones((), device=self.device)])
 
     def _reduced_norms(self, sample: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """Sharded parameters: this step's one all-reduce. It carries the loss, the gradients' squared norms, on
@@ -330,7 +285,7 @@ class StepRecorder:
         L = self.layers.num_layers
         norms = self.norms()
         gsq, gabsent = norms.squares([p.grad for p in self.layers.params])
-        parts = [self._local_loss_pair(), gsq]
+        parts = [self.losses.local_pair(), gsq]
         if sample:
             wsq, _ = norms.squares([p.detach() for p in self.layers.params])
             parts.append(wsq)
@@ -361,20 +316,22 @@ class StepRecorder:
         path. Returns rows and samples in NumPy (float64).
         """
         n_rows, width = len(self._rows), len(self._rows[0])
+        out = self._read_host() if self.host else self._read_device(n_rows, width)
+        self._rows, self._row_steps, self._row_loss_seen = [], [], []
+        self._samples, self._acts, self._times = [], [], []
+        return out
+
+    def _read_device(self, n_rows: int, width: int) -> HostRead:
         L = self.layers.num_layers
-        pieces = [] if self.host else [torch.stack(self._rows).reshape(-1)]
+        pieces = [torch.stack(self._rows).reshape(-1)]
         for _, w, u in self._samples:
             # per sample: weight norms, update norms, weight norms after the step (-1: unknown)
             missing = torch.full_like(w, -1.0)
             pieces += [w, u if u is not None else missing] + ([missing] if u is None or u.numel() == L else [])
         pieces += [v.reshape(-1).to(self.device, torch.float32) for *_, v in self._acts]
         pieces += [torch.stack([e, late]).to(self.device, torch.float32) for _, _, e, late, _ in self._times]
-        flat = (torch.cat(pieces).cpu().numpy().astype(np.float64) if pieces  # the one sync of this read (above)
-                else np.zeros(0))
-        if self.host:  # rows already on the host
-            rows, off = np.array(self._rows, dtype=np.float64), 0
-        else:
-            rows, off = flat[: n_rows * width].reshape(n_rows, width), n_rows * width
+        flat = torch.cat(pieces).cpu().numpy().astype(np.float64)  # the one sync of this read (above)
+        rows, off = flat[: n_rows * width].reshape(n_rows, width), n_rows * width
         out = HostRead(np.array(self._row_steps, dtype=np.int64), rows,
                        np.array(self._row_loss_seen, dtype=bool), activation_order=self._activation_order)
         for step, _, _ in self._samples:
@@ -390,8 +347,23 @@ class StepRecorder:
         for step, name, _, _, steps_t in self._times:
             out.times.append((step, name, float(flat[off]), float(flat[off + 1]), steps_t))
             off += 2
-        self._rows, self._row_steps, self._row_loss_seen = [], [], []
-        self._samples, self._acts, self._times = [], [], []
+        return out
+
+    def _read_host(self) -> HostRead:
+        """``read`` where the statistics live on the CPU: rows and samples are host values already, and the
+        activation records are CPU tensors (reading them is a memory load): no torch operator at all."""
+        L = self.layers.num_layers
+        out = HostRead(np.array(self._row_steps, dtype=np.int64), np.array(self._rows, dtype=np.float64),
+                       np.array(self._row_loss_seen, dtype=bool), activation_order=self._activation_order)
+        for step, w, u in self._samples:
+            missing = np.full(L, -1.0)
+            update, after = (missing, missing) if u is None else (u[:L], u[L:] if len(u) > L else missing)
+            out.samples.append((step, np.asarray(w, dtype=np.float64), np.asarray(update, dtype=np.float64),
+                                np.asarray(after, dtype=np.float64)))
+        for step, name, call, what, value in self._acts:
+            out.acts.append((step, name, call, what, value.detach().reshape(-1).to('cpu', torch.float64).numpy()))
+        for step, name, e, late, steps_t in self._times:
+            out.times.append((step, name, float(e), float(late), steps_t))  # CPU tensors: memory loads
         return out
 
     def close(self) -> None:
