@@ -378,3 +378,28 @@ def test_stall_after_an_unrecovered_explosion_is_not_vanishing() -> None:
     resumed = History(h.layers, h.numel, h.embedding)
     resumed.load_state_dict(h.state_dict())
     assert resumed.exploded == (8, 1.0)
+
+
+def test_step_candidates_is_the_vectorised_filter() -> None:
+    # Oracle: the pre-filter's definition written with NumPy over whole columns; random histories with NaN/Inf
+    # totals, losses and layer norms, unobserved losses, spikes and a forming baseline.
+    rng = np.random.default_rng(7)
+    for trial in range(60):
+        n, layers = int(rng.integers(1, 40)), int(rng.integers(1, 5))
+        grads = np.abs(rng.standard_normal((n, layers))) * 10.0 ** rng.uniform(-3, 3, (n, 1))
+        grads[rng.random((n, layers)) < 0.05] = rng.choice([np.nan, np.inf])
+        losses = rng.uniform(0.5, 3.0, n)
+        losses[rng.random(n) < 0.05] = rng.choice([np.nan, np.inf, -np.inf])
+        h = History([f"l{i}" for i in range(layers)], np.full(layers, 100.0), np.zeros(layers, dtype=bool))
+        seen = rng.random(n) < 0.8
+        total = np.sqrt((grads ** 2).sum(1))
+        h.append(np.arange(n), total, losses, seen, grads)
+        lo = int(rng.integers(0, n))
+        sl = slice(lo, n)
+        flag = ~np.isfinite(h.total[sl]) | (h.loss_seen[sl] & ~np.isfinite(h.loss[sl]))
+        flag |= ~np.isfinite(h.grad[sl]).all(1) | (h.finite_count[sl] <= len(h.first_totals))
+        base = h.baseline_total(n)
+        if base:
+            flag |= h.total[sl] > T.growth_factor * base
+        flag |= (h.z[sl] > T.spike_z) | (h.total[sl] > T.watch_ratio * h.mean[sl])
+        assert step_candidates(h, range(lo, n), T) == (np.flatnonzero(flag) + lo).tolist(), trial

@@ -65,3 +65,31 @@ def test_update_across_matches_float64_on_the_weights() -> None:
     want = np.stack([across_by_hand(*pairs[s]) for s in h.sample_steps[-3:]])
     np.testing.assert_allclose(across, want, rtol=2e-2)
     guard.close()
+
+
+def test_cached_ratios_are_the_ratios_of_the_samples_in_the_window() -> None:
+    # The cache is kept across reads; the oracle is the uncached computation on the same history at every read,
+    # while the window's start passes sample after sample (keep=40 rows, a sample every 17 steps: some reads
+    # bring none, so the window's start alone must invalidate the cache).
+    from gradguard.detect.flow import _update_ratios
+    from gradguard.detect.history import History
+
+    rng = np.random.default_rng(3)
+    h = History(["a", "b"], np.array([10.0, 10.0]), np.zeros(2, dtype=bool), keep=40)
+    answers = 0
+    for read in range(30):
+        steps = np.arange(read * 10, read * 10 + 10)
+        g = rng.random((10, 2)) + 0.1
+        h.append(steps, np.sqrt((g ** 2).sum(1)), np.ones(10), np.ones(10, dtype=bool), g)
+        for s in steps[steps % 17 == 0]:
+            h.sample_steps.append(int(s))
+            h.weight.append(rng.random(2) + 1.0)
+            h.update.append(rng.random(2) * 1e-3)
+            h.after.append(rng.random(2) + 1.0)
+        for n, orth in ((1, False), (2, True), (3, False)):
+            want, got = _update_ratios(h, n, orth), update_ratios(h, n, orth)
+            assert (want is None) == (got is None), (read, n)
+            if want is not None:
+                answers += 1
+                np.testing.assert_array_equal(got, want)
+    assert answers > 30  # the cache answered through the whole run, not only at its start

@@ -30,10 +30,12 @@ def update_ratios(h: History, n: int, orthogonal: bool = False) -> np.ndarray | 
         Loshchilov & Hutter, "Decoupled Weight Decay Regularization", ICLR 2019 (decay as a shrinking of the
         weights, separate from the gradient step).
     """
-    # The ratios change only when a sample arrives (every sample_every steps) or the window start passes one:
-    # kept across reads, keyed by the newest sample objects themselves (held here, so never confused with others).
+    # The ratios change only when a sample arrives (every sample_every steps) or the window start passes the
+    # oldest of the n: kept across reads, keyed by the newest sample objects themselves (held here, so never
+    # confused with others) and by whether the oldest one is still inside the window.
+    inside = len(h.sample_steps) >= n and len(h.steps) > 0 and h.sample_steps[-n] >= h.steps[0]
     stamp = (len(h.sample_steps), h.sample_steps[-1] if h.sample_steps else None,
-             int(h.steps[0]) if len(h.steps) else None, h.weight[-1] if h.weight else None,
+             inside, h.weight[-1] if h.weight else None,
              h.update[-1] if h.update else None, h.after[-1] if h.after else None, len(h.after))
     hit = h.ratio_cache.get((n, orthogonal))
     if hit is not None and len(hit[0]) == len(stamp) and all(a is b or (type(a) is not np.ndarray and a == b)

@@ -18,48 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..stats.norms import ABSENT
-
-
-@dataclass
-class Thresholds:
-    """Every number a detector compares against, in one place, so a user can tune them (``Guard(thresholds=)``).
-
-    Defaults are calibrated on the scenarios in tests/ (healthy MLP/CNN/transformer runs stay silent).
-    """
-
-    window: int = 100  # steps of evidence behind window-based verdicts (vanishing, progress)
-    warmup: int = 50  # finite steps before the z-score of the total norm is trusted (a spike before them is
-    # judged only by the loss after it)
-    spike_z: float = 10.0  # z-score of the total gradient norm against its EMA (ZClip's statistic)
-    spike_ratio: float = 3.0  # ... and at least this many times its running mean; a spike that leaves every
-    # layer's gradient within this factor of its own early level is judged by its effect on the loss instead
-    spike_damage: float = 0.1  # loss rise after a spike (mean of the next spike_follow steps against the running
-    # mean before it), as a fraction of the loss's early level, that shows the spike undid progress
-    spike_follow: int = 5  # steps after a spike whose loss shows whether it did damage
-    watch_ratio: float = 2.0  # a smaller spike, at least this many times the running mean (any z-score), is
-    # never reported for its size (heavy-tailed norms give such spikes on healthy runs), only if the loss after it
-    # shows it undid training:
-    spike_undo: float = 0.5  # ... the rise gave back at least this fraction of the progress the run had made
-    # (its early loss level minus its level before the spike). Pascanu et al.'s cliffs on a tanh RNN come from
-    # steps at 2.6-5x the running mean with z-scores of 2.7-6 (the norm's heavy tail keeps the running variance
-    # high, so none reaches spike_z), and give back 60-240% of the progress (experiments/pascanu2013_clipping.py,
-    # EXPERIMENTS.md F10)
-    growth_factor: float = 50.0  # total norm this many times above its early baseline ...
-    loss_rise: float = 1.5  # ... while the loss is this many times its early level (or non-finite)
-    update_ratio_high: float = 0.1  # ||dw||/||w|| per step; healthy training sits near 1e-3
-    backward_growth: float = 1e3  # early-layer / late-layer RMS gradient: exploding toward the input
-    vanish_ratio: float = 1e-3  # early-layer / late-layer RMS gradient: vanishing toward the input
-    vanish_update: float = 1e-5  # median layer ||dw||/||w|| below this: the weights do not move
-    time_ratio: float = 1e-3  # gradient reaching the first 10% of time steps / the last 10%
-    progress: float = 0.02  # relative loss improvement over the window that counts as learning
-    learned: float = 0.02  # loss below this fraction of its early level: the model has learned (a plateau near
-    # zero loss is convergence, not vanishing gradients)
-    dead_fraction: float = 0.5  # fraction of a layer's units never active
-    saturated_fraction: float = 0.5  # fraction of a squashing layer's outputs on the flat part
-    saturated_slope: float = 0.2  # mean slope of a squashing layer, as a fraction of its peak, below which the
-    # layer counts as saturated while the loss stalls (Glorot & Bengio's top layer near 0 sits at 0.05-0.15)
-    persist_samples: int = 3  # activation samples (distinct steps) a unit condition must hold
-    cooldown: int = 50  # steps a condition must be absent before it counts as gone
+from .thresholds import Thresholds as Thresholds  # re-exported: detectors and the API import it from here
 
 
 @dataclass
@@ -184,6 +143,7 @@ class History:
     # read, so code that changes a history by hand (tests, a loaded state) never reads a stale value.
     _memo: dict[Any, Any] | None = None
     ratio_cache: dict[Any, Any] = field(default_factory=dict)  # flow.update_ratios's results, by the samples read
+    _buffers: dict[str, Any] = field(default_factory=dict, repr=False)  # per column: see ``_extend``
 
     def memo(self, key: Any, compute: Any) -> Any:
         """``compute()``, once per host read for each ``key`` (every call when no read is in progress)."""
@@ -208,40 +168,73 @@ class History:
             clipped: the total norm after the configured clip, per row (None: no clip configured).
         """
         n = len(steps)
-        cols = np.zeros((6, n))
         count = int(self.finite_count[-1]) if len(self.finite_count) else self.count0
-        counts = np.zeros(n, dtype=np.int64)
+        # Python floats: a read brings about ten rows, and a NumPy scalar per element costs more than the EMA math.
+        step_l, total_l, loss_l, seen_l = (np.asarray(steps).tolist(), np.asarray(total, dtype=float).tolist(),
+                                           np.asarray(loss, dtype=float).tolist(), np.asarray(loss_seen).tolist())
+        mean, std, z, loss_mean, loss_std, counts = [], [], [], [], [], []
+        gpush, lpush = self.grad_ema.push, self.loss_ema.push
         for i in range(n):
-            t = float(total[i])
-            cols[0, i], cols[1, i], cols[2, i] = self.grad_ema.push(t)
-            if loss_seen[i]:
-                cols[3, i], cols[4, i], _ = self.loss_ema.push(float(loss[i]))
+            t = total_l[i]
+            m, s_, z_ = gpush(t)
+            mean.append(m)
+            std.append(s_)
+            z.append(z_)
+            if seen_l[i]:
+                lm, ls, _ = lpush(loss_l[i])
             else:
-                cols[3, i], cols[4, i] = self.loss_ema.mean, math.sqrt(self.loss_ema.var)
+                lm, ls = self.loss_ema.mean, math.sqrt(self.loss_ema.var)
+            loss_mean.append(lm)
+            loss_std.append(ls)
             if math.isfinite(t):
                 count += 1
                 if len(self.first_totals) < BASELINE_STEPS:
-                    self.first_totals.append((int(steps[i]), t))
+                    self.first_totals.append((int(step_l[i]), t))
                     self.first_grads.append(grad[i].copy())
-            if loss_seen[i] and math.isfinite(float(loss[i])) and len(self.first_losses) < BASELINE_STEPS:
-                self.first_losses.append((int(steps[i]), float(loss[i])))
-            counts[i] = count
+            if seen_l[i] and math.isfinite(loss_l[i]) and len(self.first_losses) < BASELINE_STEPS:
+                self.first_losses.append((int(step_l[i]), loss_l[i]))
+            counts.append(count)
+        cols = np.array([mean, std, z, loss_mean, loss_std], dtype=float).reshape(5, n)
 
-        def cat(old: np.ndarray, new: np.ndarray) -> np.ndarray:
-            return np.concatenate([old, new])[-self.keep:]
-
-        self.steps = cat(self.steps, steps)
-        self.total = cat(self.total, total)
-        self.loss = cat(self.loss, loss)
-        self.loss_seen = cat(self.loss_seen, loss_seen)
-        self.clipped = cat(self.clipped, np.full(n, np.nan) if clipped is None else np.asarray(clipped, float))
-        self.grad = cat(self.grad, np.asarray(grad, dtype=np.float32))
-        self.mean, self.std, self.z = cat(self.mean, cols[0]), cat(self.std, cols[1]), cat(self.z, cols[2])
-        self.loss_mean, self.loss_std = cat(self.loss_mean, cols[3]), cat(self.loss_std, cols[4])
-        self.finite_count = cat(self.finite_count, counts)
+        extend = self._extend
+        extend("steps", steps)
+        extend("total", total)
+        extend("loss", loss)
+        extend("loss_seen", loss_seen)
+        extend("clipped", np.full(n, np.nan) if clipped is None else clipped)
+        extend("grad", grad)
+        for name, col in zip(("mean", "std", "z", "loss_mean", "loss_std"), cols):
+            extend(name, col)
+        extend("finite_count", counts)
         for lst in (self.sample_steps, self.weight, self.update, self.after):
             del lst[:-64]
         del self.times[:-256]
+
+    def _extend(self, name: str, new: Any) -> None:
+        """Append rows to a column and keep its last ``keep``. The column lives in a buffer and is shown as a view
+        of its filled part: a read copies only its own rows, and the kept rows move once per ``keep`` rows (a
+        concatenation copied every kept row of 14 columns at every read). The buffer grows by doubling, up to twice
+        ``keep``, so a huge ``keep`` (a huge ``log_every``) costs only the rows there are. A column set from
+        outside (a test, a layout widened by ``add_param_group``) starts a new buffer."""
+        cur = getattr(self, name)
+        slot = self._buffers.get(name)
+        m = len(new)
+        if slot is None or slot[1] is not cur:
+            buf, start, end = cur, 0, len(cur)  # moved into a buffer of its own below
+        else:
+            buf, _, start, end = slot
+        if slot is None or slot[1] is not cur or end + m > len(buf):
+            stay = min(end - start, max(self.keep - m, 0))  # the newest rows that stay
+            size = max(min(2 * self.keep, 2 * (stay + m) + 64), stay + m)
+            grown = np.empty((size, *buf.shape[1:]), dtype=cur.dtype) if size > len(buf) or buf is cur else buf
+            grown[:stay] = buf[end - stay:end].copy()  # a copy: the two ranges may overlap in one buffer
+            buf, start, end = grown, 0, stay
+        buf[end:end + m] = new
+        end += m
+        start = max(start, end - self.keep)
+        view = buf[start:end]
+        setattr(self, name, view)
+        self._buffers[name] = (buf, view, start, end)
 
     def add_act(self, step: int, module: str, call: int, what: str, value: Any) -> None:
         """Keep one activation sample: for "active", a per-unit mask (stored packed, 1 bit a unit, with its

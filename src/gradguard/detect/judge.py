@@ -76,12 +76,13 @@ class Judge:
         h = self.ensure_history()
         # Steps GradScaler skipped itself (overflow in fp16) are not this run's steps: no row, as for a non-fused
         # optimizer, whose step() the scaler does not even call.
-        keep = read.rows[:, SCALER_INF] == 0
-        rows = read.rows[keep]
+        rows, steps, seen = read.rows, read.steps, read.loss_seen
+        if rows[:, SCALER_INF].any():  # rare: no masked copies of every column at every read
+            keep = rows[:, SCALER_INF] == 0
+            rows, steps, seen = rows[keep], steps[keep], seen[keep]
         # The post-clip total is kept whoever clipped: gradguard's clip, or the script's own clip_grad_norm_ (the
         # recorder writes what it leaves); an unclipped step carries its own total there, which is no cut.
-        h.append(read.steps[keep], rows[:, TOTAL], rows[:, LOSS], read.loss_seen[keep], rows[:, HEAD:],
-                 rows[:, CLIPPED])
+        h.append(steps, rows[:, TOTAL], rows[:, LOSS], seen, rows[:, HEAD:], rows[:, CLIPPED])
         for step, w, u, after in read.samples:
             h.sample_steps.append(step)
             h.weight.append(w)
