@@ -1,6 +1,7 @@
-"""Operators dispatched per training step, with and without a Guard: a count that does not depend on how loaded
-the machine is (wall-clock ratios on a shared 2-core VM swing by 30% and more). The tiny model of issue 16
-(Linear 16-32-32-1 with ReLU, Adam, batch 32), where a step is mostly fixed per-step cost.
+"""Operators dispatched per training step, with and without a Guard, and the Python function calls and calls of
+built-in (C) functions made on the host: counts that do not depend on how loaded the machine is (wall-clock
+ratios on a shared 2-core VM swing by 30% and more). The tiny model of issue 16 (Linear 16-32-32-1 with ReLU,
+Adam, batch 32), where a step is mostly fixed per-step cost.
 
 Run: ``python benchmarks/kernel_count.py [plain] [guard] [guard_clip] [repair] [clip]``.
 """
@@ -58,7 +59,19 @@ def main() -> None:
         with Count() as c:
             for _ in range(100):  # log_every=10 and sample_every=25 divide 100: reads and samples included
                 step()
-        print(f"{kind:10s} {sum(c.ops.values()) / 100:7.2f} operators per step")
+        calls = Counter[str]()
+
+        def profile(frame, event, arg, calls=calls):  # type: ignore[no-untyped-def]
+            calls[event] += 1
+
+        sys.setprofile(profile)
+        try:
+            for _ in range(100):
+                step()
+        finally:
+            sys.setprofile(None)
+        print(f"{kind:10s} {sum(c.ops.values()) / 100:7.2f} operators, {calls['call'] / 100:6.1f} Python calls, "
+              f"{calls['c_call'] / 100:6.1f} built-in calls per step")
 
 
 if __name__ == "__main__":
