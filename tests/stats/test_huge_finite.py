@@ -6,6 +6,7 @@ torch.isfinite of the gradients and weights at each step."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -44,3 +45,57 @@ def test_a_huge_finite_gradient_is_an_explosion_not_a_nan() -> None:
     for s, w in zip(h.sample_steps, h.weight):
         if weights_finite[s]:
             assert np.isfinite(w).all(), (s, w)
+
+
+def test_wide_device_norms_measure_a_huge_finite_gradient_without_a_read() -> None:
+    # On CUDA the deferred path accumulates the per-step norms in float64 (recorder.wide_norms): no per-step read
+    # re-measures there. The same code path on the CPU, switched on by hand (the kernel's float64 output on CUDA
+    # needs a GPU; the fold, the casts and what the detectors make of it do not).
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(m.parameters(), lr=1e-30)  # the huge step leaves the weights (nearly) where they were
+    guard = gg.Guard(m, opt, console=False, nonfinite_check="deferred", log_every=5, auto_loss=False)
+    recorder = guard._wiring.recorder
+    assert not recorder.host and not recorder.wide_norms  # the CPU keeps float32 unless asked
+    recorder.wide_norms = True
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    norm = {}
+    for s in range(15):
+        opt.zero_grad()
+        nn.functional.mse_loss(m(x), y).backward()
+        if s == 10:
+            m[0].weight.grad[0, 0] = 2.4e20  # finite
+        grads = [p.grad.double() for p in m.parameters()]
+        norm[s] = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item()
+        opt.step()
+    guard.close()
+    h = guard.history
+    assert h is not None
+    for row, step in enumerate(h.steps.tolist()):  # every step as float64 measures it, within float32 rounding
+        assert abs(h.total[row] / norm[step] - 1) < 1e-6, (step, h.total[row], norm[step])
+    assert np.isfinite(h.grad).all()
+    assert [d.kind for d in guard.diagnoses if d.kind == "nonfinite"] == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_the_default_path_measures_a_huge_finite_gradient() -> None:
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1)).cuda()
+    opt = torch.optim.SGD(m.parameters(), lr=1e-30)
+    guard = gg.Guard(m, opt, console=False, log_every=5, auto_loss=False)
+    assert guard._wiring.recorder.wide_norms
+    x, y = torch.randn(16, 4, device="cuda"), torch.randn(16, 1, device="cuda")
+    norm = {}
+    for s in range(15):
+        opt.zero_grad()
+        nn.functional.mse_loss(m(x), y).backward()
+        if s == 10:
+            m[0].weight.grad[0, 0] = 2.4e20  # finite
+        norm[s] = torch.linalg.vector_norm(torch.cat([p.grad.double().flatten() for p in m.parameters()])).item()
+        opt.step()
+    guard.close()
+    h = guard.history
+    assert h is not None
+    for row, step in enumerate(h.steps.tolist()):
+        assert abs(h.total[row] / norm[step] - 1) < 1e-6, (step, h.total[row], norm[step])
+    assert [d for d in guard.diagnoses if d.kind == "nonfinite"] == []

@@ -65,6 +65,12 @@ class StepRecorder:
         # Statistics on the CPU of one process: steps are folded and queued as rows of floats (reading a CPU tensor
         # is a memory load, not a sync), which costs a tiny model a fraction of the torch operators' dispatch.
         self.host = self.device.type == "cpu" and self.world == 1
+        # On CUDA the per-step norms accumulate in float64: a finite gradient entry above ~1.8e19 has a float32
+        # square beyond float32, and in deferred mode there is no per-step read to measure such a step again. The
+        # fused kernel casts each element to the output's type before squaring, and stays memory-bound on every GPU
+        # (one multiply-add per element read), so this costs two tiny casts a step. Elsewhere float32: the CPU's
+        # float64 pass converts every tensor (about 10x slower) and MPS has no float64.
+        self.wide_norms = self.device.type == "cuda"
         self.step = 0  # optimizer steps taken since attach (or restored by load_state_dict)
         self.last_total: torch.Tensor | float | None = None  # a float on the host path
         self._zero = torch.zeros((), dtype=torch.float32, device=self.device)  # read-only: stacked into rows
@@ -142,7 +148,7 @@ class StepRecorder:
             gnorm, wnorm, loss_pair = self._reduced_norms(sample)
             gnorm, total = self._unscaled(optimizer, gnorm, None)
         else:
-            gnorm, total = self._grad_norms(optimizer, wide=False)
+            gnorm, total = self._grad_norms(optimizer, wide=self.wide_norms)
         scaler_inf = found_inf if found_inf is not None else getattr(optimizer, "found_inf", None)
         self.last_total = total
         if self.sharded:
