@@ -13,12 +13,19 @@ from torch import nn
 import gradguard as gg
 
 
-def test_a_huge_finite_gradient_is_an_explosion_not_a_nan() -> None:
+def train_with_a_huge_gradient(lr: float, device: str = "cpu", wide: bool | None = None,
+                               **guard_kw: object) -> tuple[gg.Guard, dict[int, float], dict[int, bool],
+                                                             dict[int, bool]]:
+    """15 SGD steps with a finite 2.4e20 gradient entry at step 10. Returns the closed Guard and, per step, the
+    float64 norm of the gradients (the oracle) and whether the gradients and the weights were finite.
+    ``wide``: set the recorder's float64 switch by hand."""
     torch.manual_seed(0)
-    m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
-    opt = torch.optim.SGD(m.parameters(), lr=0.1)
-    guard = gg.Guard(m, opt, console=False, repair="auto", log_every=5, sample_every=5, auto_loss=False)
-    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1)).to(device)
+    opt = torch.optim.SGD(m.parameters(), lr=lr)
+    guard = gg.Guard(m, opt, console=False, log_every=5, auto_loss=False, **guard_kw)  # type: ignore[arg-type]
+    if wide is not None:
+        guard._wiring.recorder.wide_norms = wide
+    x, y = torch.randn(16, 4, device=device), torch.randn(16, 1, device=device)
     norm, grads_finite, weights_finite = {}, {}, {}
     for s in range(15):
         opt.zero_grad()
@@ -27,10 +34,15 @@ def test_a_huge_finite_gradient_is_an_explosion_not_a_nan() -> None:
             m[0].weight.grad[0, 0] = 2.4e20  # finite
         grads = [p.grad.double() for p in m.parameters()]
         norm[s] = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item()
-        grads_finite[s] = all(torch.isfinite(g).all() for g in grads)
-        weights_finite[s] = all(torch.isfinite(p).all() for p in m.parameters())
+        grads_finite[s] = all(bool(torch.isfinite(g).all()) for g in grads)
+        weights_finite[s] = all(bool(torch.isfinite(p).all()) for p in m.parameters())
         opt.step()
     guard.close()
+    return guard, norm, grads_finite, weights_finite
+
+
+def test_a_huge_finite_gradient_is_an_explosion_not_a_nan() -> None:
+    guard, norm, grads_finite, weights_finite = train_with_a_huge_gradient(0.1, repair="auto", sample_every=5)
     h = guard.history
     assert h is not None and grads_finite[10]
     row = int(np.nonzero(h.steps == 10)[0][0])
@@ -47,55 +59,34 @@ def test_a_huge_finite_gradient_is_an_explosion_not_a_nan() -> None:
             assert np.isfinite(w).all(), (s, w)
 
 
+def every_step_measured_as_float64_does(guard: gg.Guard, norm: dict[int, float]) -> None:
+    h = guard.history
+    assert h is not None
+    for row, step in enumerate(h.steps.tolist()):  # within float32 rounding
+        assert abs(h.total[row] / norm[step] - 1) < 1e-6, (step, h.total[row], norm[step])
+    assert np.isfinite(h.grad).all()
+    assert [d for d in guard.diagnoses if d.kind == "nonfinite"] == []
+
+
 def test_wide_device_norms_measure_a_huge_finite_gradient_without_a_read() -> None:
     # On CUDA the deferred path accumulates the per-step norms in float64 (recorder.wide_norms): no per-step read
     # re-measures there. The same code path on the CPU, switched on by hand (the kernel's float64 output on CUDA
-    # needs a GPU; the fold, the casts and what the detectors make of it do not).
-    torch.manual_seed(0)
-    m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
-    opt = torch.optim.SGD(m.parameters(), lr=1e-30)  # the huge step leaves the weights (nearly) where they were
-    guard = gg.Guard(m, opt, console=False, nonfinite_check="deferred", log_every=5, auto_loss=False)
-    recorder = guard._wiring.recorder
-    assert not recorder.host and not recorder.wide_norms  # the CPU keeps float32 unless asked
-    recorder.wide_norms = True
-    x, y = torch.randn(16, 4), torch.randn(16, 1)
-    norm = {}
-    for s in range(15):
-        opt.zero_grad()
-        nn.functional.mse_loss(m(x), y).backward()
-        if s == 10:
-            m[0].weight.grad[0, 0] = 2.4e20  # finite
-        grads = [p.grad.double() for p in m.parameters()]
-        norm[s] = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item()
-        opt.step()
+    # needs a GPU; the fold, the casts and what the detectors make of it do not). lr 1e-30: the huge step leaves
+    # the weights where they were, so every later step is finite too.
+    guard, norm, _, _ = train_with_a_huge_gradient(1e-30, wide=True, nonfinite_check="deferred")
+    assert not guard._wiring.recorder.host
+    every_step_measured_as_float64_does(guard, norm)
+
+
+def test_the_cpu_device_path_keeps_float32_unless_asked() -> None:
+    m = nn.Linear(2, 1)
+    guard = gg.Guard(m, torch.optim.SGD(m.parameters(), lr=0.1), console=False, nonfinite_check="deferred")
+    assert not guard._wiring.recorder.wide_norms  # its float64 pass converts every tensor (about 10x slower)
     guard.close()
-    h = guard.history
-    assert h is not None
-    for row, step in enumerate(h.steps.tolist()):  # every step as float64 measures it, within float32 rounding
-        assert abs(h.total[row] / norm[step] - 1) < 1e-6, (step, h.total[row], norm[step])
-    assert np.isfinite(h.grad).all()
-    assert [d.kind for d in guard.diagnoses if d.kind == "nonfinite"] == []
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_on_cuda_the_default_path_measures_a_huge_finite_gradient() -> None:
-    torch.manual_seed(0)
-    m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1)).cuda()
-    opt = torch.optim.SGD(m.parameters(), lr=1e-30)
-    guard = gg.Guard(m, opt, console=False, log_every=5, auto_loss=False)
+    guard, norm, _, _ = train_with_a_huge_gradient(1e-30, device="cuda")
     assert guard._wiring.recorder.wide_norms
-    x, y = torch.randn(16, 4, device="cuda"), torch.randn(16, 1, device="cuda")
-    norm = {}
-    for s in range(15):
-        opt.zero_grad()
-        nn.functional.mse_loss(m(x), y).backward()
-        if s == 10:
-            m[0].weight.grad[0, 0] = 2.4e20  # finite
-        norm[s] = torch.linalg.vector_norm(torch.cat([p.grad.double().flatten() for p in m.parameters()])).item()
-        opt.step()
-    guard.close()
-    h = guard.history
-    assert h is not None
-    for row, step in enumerate(h.steps.tolist()):
-        assert abs(h.total[row] / norm[step] - 1) < 1e-6, (step, h.total[row], norm[step])
-    assert [d for d in guard.diagnoses if d.kind == "nonfinite"] == []
+    every_step_measured_as_float64_does(guard, norm)
