@@ -213,7 +213,7 @@ class History:
     def _extend(self, name: str, new: Any) -> None:
         """Append rows to a column and keep its last ``keep``. The column lives in a buffer and is shown as a view
         of its filled part: a read copies only its own rows, and the kept rows move once per ``keep`` rows (a
-        concatenation copied every kept row of 14 columns at every read). The buffer grows by doubling, up to twice
+        concatenation copied every kept row of 12 columns at every read). The buffer grows by doubling, up to twice
         ``keep``, so a huge ``keep`` (a huge ``log_every``) costs only the rows there are. A column set from
         outside (a test, a layout widened by ``add_param_group``) starts a new buffer."""
         cur = getattr(self, name)

@@ -94,7 +94,8 @@ class LayerNorms:
             tensors: as for ``__call__``; DTensors are read through their local shard.
             wide: accumulate in float64 (squares returned in float64). A finite float32 entry above ~1.8e19 has a
                 square beyond float32: only this keeps such finite gradients finite. Slow on the CPU (about 10x
-                the float32 pass), so only a re-measurement of a step that read non-finite uses it.
+                the float32 pass), so there only a re-measurement of a step that read non-finite uses it; on
+                CUDA every step does (``StepRecorder.wide_norms``: the fused kernel stays memory-bound).
 
         Returns:
             ``(squares, absent_mask)``: a float32 vector of length ``num_layers``, and a bool vector (or None when
