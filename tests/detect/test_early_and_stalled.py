@@ -1,9 +1,8 @@
 """Early divergence (the loss thrown up within the first steps) and ``stalled`` (no learning, nothing else wrong).
 
-Oracles: the losses, norms and weights the training loop itself computed (the early rule must fire exactly when
-the loss first stands 10x above its first value, or the norm 1000x, or the loss 2x after a first update of a tenth
-of the weights' norm) and runs whose outcome is known by construction (labels with no signal cannot be learned; a
-healthy digits run learns). Several seeds each: a property, not a trajectory.
+Oracles: the losses the training loop itself computed (the early rule must fire exactly when the loss first
+stands 10x above its first value, or the norm 1000x) and runs whose outcome is known by construction (labels
+with no signal cannot be learned; a healthy digits run learns). Several seeds each: a property, not a trajectory.
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ from torch import nn
 
 import gradguard as gg
 from gradguard.demo import digits, mlp
-from gradguard.detect.early import EARLY_STEPS, GRAD_RISE, LOSS_DOUBLE, LOSS_RISE, UPDATE_RATIO
+from gradguard.detect.early import EARLY_STEPS, GRAD_RISE, LOSS_RISE
 
 
 def train_digits(lr: float, act: type[nn.Module], seed: int, steps: int):
@@ -26,20 +25,14 @@ def train_digits(lr: float, act: type[nn.Module], seed: int, steps: int):
     guard = gg.Guard(m, opt, console=False)
     gen = torch.Generator().manual_seed(seed)
     losses, norms = [], []
-    linears = [mod for mod in m.modules() if isinstance(mod, nn.Linear)]
-    for i in range(steps):
+    for _ in range(steps):
         idx = torch.randint(0, len(xtr), (64,), generator=gen)
         loss = nn.functional.cross_entropy(m(xtr[idx]), ytr[idx])
         losses.append(loss.item())
         opt.zero_grad()
         loss.backward()
         norms.append(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in m.parameters()])).item())
-        before = [[p.detach().double().clone() for p in lin.parameters()] for lin in linears]
         opt.step()
-        if i == 0:  # the first update by hand: per layer ||dW, db|| / ||W, b|| (float64), median over layers
-            ratios = [torch.sqrt(sum(((p.detach().double() - b) ** 2).sum() for p, b in zip(lin.parameters(), bs)))
-                      / torch.sqrt(sum((b ** 2).sum() for b in bs)) for lin, bs in zip(linears, before)]
-            train_digits.first_update = float(np.median([r.item() for r in ratios]))  # type: ignore[attr-defined]
     found = guard.diagnoses
     guard.close()
     return found, losses, norms
@@ -48,44 +41,15 @@ def train_digits(lr: float, act: type[nn.Module], seed: int, steps: int):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_a_learning_rate_far_too_high_is_reported_within_the_first_steps(seed: int) -> None:
     found, losses, norms = train_digits(30.0, nn.Tanh, seed, 12)
-    # The oracle: the first step where the loop's own loss is LOSS_RISE x its first, or its norm GRAD_RISE x, or
-    # its loss LOSS_DOUBLE x after a first update (step 0, a sample step) of UPDATE_RATIO of the weights' norm.
-    ratio0 = train_digits.first_update  # type: ignore[attr-defined]
+    # The oracle: the first step where the loop's own loss is LOSS_RISE x its first, or its norm GRAD_RISE x.
     expect = next(s for s in range(EARLY_STEPS)
                   if losses[s] >= LOSS_RISE * losses[0]
-                  or (norms[s] >= GRAD_RISE * norms[0] and losses[s] >= losses[0])
-                  or (losses[s] >= LOSS_DOUBLE * losses[0] and ratio0 >= UPDATE_RATIO))
+                  or (norms[s] >= GRAD_RISE * norms[0] and losses[s] >= losses[0]))
     early = [d for d in found if d.kind == "exploding" and "first steps" in d.message]
     assert len(early) == 1 and early[0].step == expect
     assert early[0].evidence["loss"] == pytest.approx(losses[expect], rel=1e-5)
     assert early[0].evidence["first_loss"] == pytest.approx(losses[0], rel=1e-5)
     assert early[0].severity == "error" and early[0].layers
-    assert early[0].evidence["first_update_ratio"] == pytest.approx(ratio0, rel=1e-4)
-
-
-def early_on(losses: list[float], weight: float, update: float):
-    """detect_early_divergence on a history of these losses (constant gradients) with a step-0 sample whose
-    update is ``update`` for weights of norm ``weight`` in each of three layers."""
-    from gradguard.detect.early import detect_early_divergence
-    from gradguard.detect.history import History
-
-    n = len(losses)
-    h = History(["l0", "l1", "l2"], np.full(3, 100.0), np.zeros(3, dtype=bool))
-    h.sample_steps.append(0)
-    h.weight.append(np.full(3, weight))
-    h.update.append(np.full(3, update))
-    h.after.append(np.full(3, -1.0))
-    h.append(np.arange(n), np.full(n, np.sqrt(3.0)), np.array(losses), np.ones(n, dtype=bool), np.ones((n, 3)))
-    return detect_early_divergence(h, range(n))
-
-
-def test_a_doubled_loss_is_early_divergence_only_after_a_huge_first_update() -> None:
-    swing = [2.3, 3.4, 4.7, 2.8, 5.1, 2.5, 2.4, 2.4, 2.3, 2.3]  # 2x its first value at step 2, never 10x
-    v = early_on(swing, weight=1.0, update=0.5)  # the first step moved the weights by half their norm
-    assert v is not None and v.diagnosis.step == 2 and v.diagnosis.evidence["first_update_ratio"] == 0.5
-    assert "moved the weights by 0.5 of their norm" in v.diagnosis.message
-    assert early_on(swing, weight=1.0, update=0.01) is None  # a healthy-sized first update: a noisy start
-    assert early_on([2.3, 2.2, 2.1, 2.0, 1.9, 1.9, 1.8, 1.8, 1.7, 1.7], weight=1.0, update=0.5) is None  # learning
 
 
 @pytest.mark.parametrize("seed", [0, 1])
