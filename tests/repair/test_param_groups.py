@@ -111,3 +111,28 @@ def test_activations_of_an_unfrozen_backbone_are_sampled_and_judged() -> None:
     dead = [d for d in guard.diagnoses if d.kind == "dead_units"]
     assert dead and "0" in dead[0].layers and "75%" in dead[0].message
     guard.close()
+
+
+def test_a_rollback_decided_between_add_param_group_and_the_next_step_leaves_everything_as_it_is() -> None:
+    # The Guard adopts a new group at the next step, after reading what is pending: a rollback the ladder decides in
+    # that read has only snapshots from before the group, which optimizer.load_state_dict refuses. It used to raise
+    # there and switch the Guard off (found when an early exploding verdict preceded the change). Now no rollback:
+    # the model and the optimizer are bitwise as they were, and guarding goes on.
+    m, opt = make()
+    guard = gg.Guard(m, opt, console=False, repair="auto", log_every=5)
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    for _ in range(7):
+        step(m, opt, x, y)
+    for p in m[0].parameters():
+        p.requires_grad_(True)
+    opt.add_param_group({"params": list(m[0].parameters()), "lr": 0.01})
+    weights = [p.detach().clone() for p in m.parameters()]
+    state = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in opt.state_dict()["state"].items()}
+    ladder = guard._wiring.repairer.ladder
+    assert ladder.rollback(m, opt, 7, initial=True) is None
+    assert all(torch.equal(a, b) for a, b in zip(weights, m.parameters()))
+    assert opt.state_dict()["state"].keys() == state.keys() and len(opt.param_groups) == 2
+    step(m, opt, x, y, nan=True)  # still guarding: the NaN step is skipped, the new group included
+    assert all(torch.isfinite(p).all() for p in m.parameters())
+    assert not guard._wiring.failed
+    guard.close()

@@ -286,6 +286,10 @@ class Ladder:
             if snap is self.initial or self.initial is None or holds_nonfinite(model, self.initial):
                 return None
             snap = self.initial
+        if len(snap.optimizer.get("param_groups", ())) != len(optimizer.param_groups):
+            # Taken before the optimizer gained a group (add_param_group; the Guard takes new snapshots when it
+            # adopts the group, at the next step): load_state_dict would refuse it. No rollback, model untouched.
+            return None
         restore_model(model, snap)
         # The learning rates in force now are the scheduler's (and the snapshot may have been taken inside a step
         # with the ladder's multiplier applied): keep them, restore everything else.
