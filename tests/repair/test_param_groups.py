@@ -26,15 +26,27 @@ def step(m: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Ten
     opt.step()
 
 
-def test_new_group_is_measured_from_the_step_it_joins() -> None:
-    m, opt = make()
-    guard = gg.Guard(m, opt, console=False, log_every=5)
-    x, y = torch.randn(16, 4), torch.randn(16, 1)
-    for _ in range(7):
-        step(m, opt, x, y)
+def unfreeze(m: nn.Sequential, opt: torch.optim.Optimizer) -> None:
+    """The frozen first layer joins training in a group of its own."""
     for p in m[0].parameters():
         p.requires_grad_(True)
     opt.add_param_group({"params": list(m[0].parameters()), "lr": 0.01})
+
+
+def train_then_unfreeze(steps: int, **guard_kw: object) -> tuple[nn.Sequential, torch.optim.Optimizer, gg.Guard,
+                                                                    torch.Tensor, torch.Tensor]:
+    """``steps`` steps with the first layer frozen under a Guard, then that layer joins (add_param_group)."""
+    m, opt = make()
+    guard = gg.Guard(m, opt, console=False, log_every=5, **guard_kw)  # type: ignore[arg-type]
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    for _ in range(steps):
+        step(m, opt, x, y)
+    unfreeze(m, opt)
+    return m, opt, guard, x, y
+
+
+def test_new_group_is_measured_from_the_step_it_joins() -> None:
+    m, opt, guard, x, y = train_then_unfreeze(7)
     want = []
     for _ in range(6):
         loss = nn.functional.mse_loss(m(x), y)
@@ -56,14 +68,7 @@ def test_new_group_is_measured_from_the_step_it_joins() -> None:
 
 
 def test_a_nan_gradient_in_the_new_group_is_skipped_and_a_rollback_still_works() -> None:
-    m, opt = make()
-    guard = gg.Guard(m, opt, console=False, repair="auto", log_every=5)
-    x, y = torch.randn(16, 4), torch.randn(16, 1)
-    for _ in range(5):
-        step(m, opt, x, y)
-    for p in m[0].parameters():
-        p.requires_grad_(True)
-    opt.add_param_group({"params": list(m[0].parameters()), "lr": 0.01})
+    m, opt, guard, x, y = train_then_unfreeze(5, repair="auto")
     step(m, opt, x, y)
     before = [p.detach().clone() for p in m.parameters()]
     # NaN only in the new layer's gradient: the old layers' gradients stay finite
@@ -118,14 +123,7 @@ def test_a_rollback_decided_between_add_param_group_and_the_next_step_leaves_eve
     # that read has only snapshots from before the group, which optimizer.load_state_dict refuses. It used to raise
     # there and switch the Guard off (found when an early exploding verdict preceded the change). Now no rollback:
     # the model and the optimizer are bitwise as they were, and guarding goes on.
-    m, opt = make()
-    guard = gg.Guard(m, opt, console=False, repair="auto", log_every=5)
-    x, y = torch.randn(16, 4), torch.randn(16, 1)
-    for _ in range(7):
-        step(m, opt, x, y)
-    for p in m[0].parameters():
-        p.requires_grad_(True)
-    opt.add_param_group({"params": list(m[0].parameters()), "lr": 0.01})
+    m, opt, guard, x, y = train_then_unfreeze(7, repair="auto")
     weights = [p.detach().clone() for p in m.parameters()]
     state = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in opt.state_dict()["state"].items()}
     ladder = guard._wiring.repairer.ladder
