@@ -263,7 +263,7 @@ def step_candidates(h: History, rows: range, t: Thresholds) -> list[int]:
     if hi <= lo:
         return []
     # A read brings about ten rows: Python floats after one tolist per column cost a fraction of a dozen NumPy
-    # calls on ten-element arrays (this runs at every read).
+    # calls on ten-element arrays (this runs at every read). Host NumPy arrays only: no device is read here.
     sl = slice(lo, hi)
     grad_ok = (np.isfinite(h.grad[sl]).all(1).tolist() if not np.isfinite(h.grad[sl]).all()
                else None)  # one call when every layer norm is finite (the common case)

@@ -169,7 +169,8 @@ class History:
         """
         n = len(steps)
         count = int(self.finite_count[-1]) if len(self.finite_count) else self.count0
-        # Python floats: a read brings about ten rows, and a NumPy scalar per element costs more than the EMA math.
+        # Python floats: a read brings about ten rows, and a NumPy scalar per element costs more than the EMA math
+        # (host NumPy arrays from the read: no device is touched).
         step_l, total_l, loss_l, seen_l = (np.asarray(steps).tolist(), np.asarray(total, dtype=float).tolist(),
                                            np.asarray(loss, dtype=float).tolist(), np.asarray(loss_seen).tolist())
         mean, std, z, loss_mean, loss_std, counts = [], [], [], [], [], []

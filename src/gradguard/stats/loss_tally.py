@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .script_hooks import unscaled
+from .script_hooks import scale_of, unscaled
 
 
 class LossTally:
@@ -48,9 +48,9 @@ class LossTally:
         where the statistics and the root live on the CPU, its value as a float (a memory load, cheaper than
         keeping a detached tensor)."""
         if self.host and root.is_cpu:
-            scale = getattr(root, "_gradguard_scale", None)
-            value = root.item()  # a CPU tensor: a memory load, not a sync
-            self.auto.append(value / scale.item() if isinstance(scale, torch.Tensor) else value)
+            scale = scale_of(root)
+            value = root.item()  # a CPU tensor: a memory load, not a sync (the scaler's scale too)
+            self.auto.append(value / scale.item() if scale is not None else value)
             return
         loss = unscaled(root)
         if loss.dim() != 0:
@@ -76,7 +76,7 @@ class LossTally:
         return self.n > 0
 
     def device_mean(self, zero: torch.Tensor) -> torch.Tensor:
-        """The step's mean loss as a float32 device scalar (``zero`` when none was seen); resets the tally."""
+        """The step's mean loss as a float32 device scalar (``zero`` when none was seen); the caller resets."""
         if self.n == 1 and self.sum is not None:
             loss = self.sum  # one loss tensor this step (the common case): already a float32 scalar here
         elif self.n:
@@ -86,7 +86,6 @@ class LossTally:
             loss = loss / self.n
         else:
             loss = zero
-        self.reset()
         return loss
 
     def host_mean(self) -> float:

@@ -113,11 +113,17 @@ def _backward(tensors: Any, grad_tensors: Any = None, *args: Any, **kwargs: Any)
     return result
 
 
+def scale_of(root: torch.Tensor) -> torch.Tensor | None:
+    """The scale ``torch.amp.GradScaler.scale`` multiplied a backward root by, or None for an unscaled root."""
+    scale = getattr(root, "_gradguard_scale", None)
+    return scale if isinstance(scale, torch.Tensor) else None
+
+
 def unscaled(root: torch.Tensor) -> torch.Tensor:
     """The loss behind a backward root: a GradScaler-scaled root divided by its scale (device op, no sync)."""
-    scale = getattr(root, "_gradguard_scale", None)
+    scale = scale_of(root)
     loss = root.detach()
-    return loss / scale.to(loss.device) if isinstance(scale, torch.Tensor) else loss
+    return loss / scale.to(loss.device) if scale is not None else loss
 
 
 def scaler_found_inf(optimizer: Any) -> torch.Tensor | None:
