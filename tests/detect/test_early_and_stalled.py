@@ -14,7 +14,7 @@ from torch import nn
 
 import gradguard as gg
 from gradguard.demo import digits, mlp
-from gradguard.detect.early import EARLY_STEPS, GRAD_RISE, LOSS_RISE
+from gradguard.detect.early import BOTH_GRAD, BOTH_LOSS, BOTH_TIMES, EARLY_STEPS, GRAD_RISE, LOSS_RISE
 
 
 def train_digits(lr: float, act: type[nn.Module], seed: int, steps: int):
@@ -41,10 +41,13 @@ def train_digits(lr: float, act: type[nn.Module], seed: int, steps: int):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_a_learning_rate_far_too_high_is_reported_within_the_first_steps(seed: int) -> None:
     found, losses, norms = train_digits(30.0, nn.Tanh, seed, 12)
-    # The oracle: the first step where the loop's own loss is LOSS_RISE x its first, or its norm GRAD_RISE x.
+    # The oracle: the first step where the loop's own loss is LOSS_RISE x its first, or its norm GRAD_RISE x, or
+    # the BOTH_TIMES-th step with the loss BOTH_LOSS x and the norm BOTH_GRAD x.
     expect = next(s for s in range(EARLY_STEPS)
                   if losses[s] >= LOSS_RISE * losses[0]
-                  or (norms[s] >= GRAD_RISE * norms[0] and losses[s] >= losses[0]))
+                  or (norms[s] >= GRAD_RISE * norms[0] and losses[s] >= losses[0])
+                  or sum(losses[i] >= BOTH_LOSS * losses[0] and norms[i] >= BOTH_GRAD * norms[0]
+                         for i in range(s + 1)) >= BOTH_TIMES)
     early = [d for d in found if d.kind == "exploding" and "first steps" in d.message]
     assert len(early) == 1 and early[0].step == expect
     assert early[0].evidence["loss"] == pytest.approx(losses[expect], rel=1e-5)
@@ -91,6 +94,44 @@ def test_a_run_that_cannot_learn_is_stalled_and_says_what_was_ruled_out(seed: in
     assert d.evidence["loss_mean"] == pytest.approx(window.mean(), rel=1e-5)
     assert d.evidence["loss_mean"] > 0.5 * np.log(10)  # near chance: ln(10) for 10 classes
     assert "Ruled out:" in d.message and "plateau" in d.message
+
+
+def early_on(losses: list[float], totals: list[float], reads: int = 1):
+    """detect_early_divergence on a history of these per-step losses and total norms, read ``reads`` rows at a
+    time (as a Guard with log_every=reads would), one layer carrying the whole norm."""
+    from gradguard.detect.early import detect_early_divergence
+    from gradguard.detect.history import History
+
+    h = History(["l0"], np.full(1, 100.0), np.zeros(1, dtype=bool))
+    for start in range(0, len(losses), reads):
+        n = len(losses[start:start + reads])
+        t = np.asarray(totals[start:start + n], dtype=np.float64)
+        h.append(np.arange(start, start + n), t, np.asarray(losses[start:start + n], dtype=np.float64),
+                 np.ones(n, dtype=bool), t[:, None])
+        v = detect_early_divergence(h, range(len(h.steps) - n, len(h.steps)))
+        if v is not None:
+            return v.diagnosis
+    return None
+
+
+@pytest.mark.parametrize("reads", [1, 3, 10])
+def test_a_loss_that_doubles_with_a_tenfold_norm_twice_is_early_divergence(reads: int) -> None:
+    # amp_accum's shape at lr x100: 2.3, 3.4, 7.4, 2.8 ... with the norm 6-18x its first. Step 2 is the first with
+    # both loss >= 2x (4.6) and norm >= 10x (5.8); step 5 the second: the diagnosis names step 5, however the
+    # steps are grouped into reads.
+    losses = [2.3, 3.4, 7.4, 2.8, 2.8, 5.3, 9.5, 4.4, 2.4, 15.4]
+    totals = [0.58, 3.5, 7.2, 2.8, 3.6, 7.3, 10.4, 7.4, 3.2, 18.2]
+    d = early_on(losses, totals, reads)
+    assert d is not None and d.kind == "exploding" and d.step == 5
+    assert d.evidence["loss"] == 5.3 and d.evidence["grad_norm"] == 7.3
+
+
+def test_one_outlier_step_or_one_signal_alone_is_not_early_divergence() -> None:
+    base = [2.3] * EARLY_STEPS
+    one_outlier = early_on([2.3, 2.2, 6.0, 2.1, *base[4:]], [1.0, 1.0, 12.0, 1.0, *[1.0] * 6])
+    loss_only = early_on([0.4, 1.3, 1.2, 1.4, 1.1, *[1.2] * 5], [1.0, 1.5, 1.4, 1.6, 1.3, *[1.4] * 5])
+    norm_only = early_on([2.3, 2.2, 2.1, 2.0, *[1.9] * 6], [0.1, 1.0, 2.0, 3.0, *[4.0] * 6])
+    assert (one_outlier, loss_only, norm_only) == (None, None, None)
 
 
 def test_stalled_is_a_kind() -> None:
