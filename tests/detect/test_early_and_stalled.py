@@ -14,7 +14,7 @@ from torch import nn
 
 import gradguard as gg
 from gradguard.demo import digits, mlp
-from gradguard.detect.early import BOTH_GRAD, BOTH_LOSS, BOTH_TIMES, EARLY_STEPS, GRAD_RISE, LOSS_RISE
+from gradguard.detect.early import BOTH_GRAD, BOTH_LOSS, EARLY_STEPS, GRAD_RISE, LOSS_RISE, RISES, STAY
 
 
 def train_digits(lr: float, act: type[nn.Module], seed: int, steps: int):
@@ -41,13 +41,20 @@ def train_digits(lr: float, act: type[nn.Module], seed: int, steps: int):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_a_learning_rate_far_too_high_is_reported_within_the_first_steps(seed: int) -> None:
     found, losses, norms = train_digits(30.0, nn.Tanh, seed, 12)
-    # The oracle: the first step where the loop's own loss is LOSS_RISE x its first, or its norm GRAD_RISE x, or
-    # the BOTH_TIMES-th step with the loss BOTH_LOSS x and the norm BOTH_GRAD x.
+    # The oracle, from the loop's own losses and norms: the first step where the norm is GRAD_RISE x its first (the
+    # loss not below its first), or the RISES-th step whose loss is LOSS_RISE x its first, or BOTH_LOSS x with the
+    # norm BOTH_GRAD x, or STAY or more steps after the first LOSS_RISE step with their median loss BOTH_LOSS x.
+    def rose(i: int) -> bool:
+        return losses[i] >= LOSS_RISE * losses[0] or (losses[i] >= BOTH_LOSS * losses[0]
+                                                      and norms[i] >= BOTH_GRAD * norms[0])
+
+    def stayed(s: int) -> bool:
+        big = next((i for i in range(s) if losses[i] >= LOSS_RISE * losses[0]), None)
+        return big is not None and s - big >= STAY and np.median(losses[big + 1:s + 1]) >= BOTH_LOSS * losses[0]
+
     expect = next(s for s in range(EARLY_STEPS)
-                  if losses[s] >= LOSS_RISE * losses[0]
-                  or (norms[s] >= GRAD_RISE * norms[0] and losses[s] >= losses[0])
-                  or sum(losses[i] >= BOTH_LOSS * losses[0] and norms[i] >= BOTH_GRAD * norms[0]
-                         for i in range(s + 1)) >= BOTH_TIMES)
+                  if (norms[s] >= GRAD_RISE * norms[0] and losses[s] >= losses[0])
+                  or sum(rose(i) for i in range(s + 1)) >= RISES or stayed(s))
     early = [d for d in found if d.kind == "exploding" and "first steps" in d.message]
     assert len(early) == 1 and early[0].step == expect
     assert early[0].evidence["loss"] == pytest.approx(losses[expect], rel=1e-5)
@@ -126,12 +133,38 @@ def test_a_loss_that_doubles_with_a_tenfold_norm_twice_is_early_divergence(reads
     assert d.evidence["loss"] == 5.3 and d.evidence["grad_norm"] == 7.3
 
 
+def test_a_loss_ten_times_its_first_on_a_second_step_is_early_divergence() -> None:
+    d = early_on([2.0, 25.0, 3.0, 4.0, 30.0, 1.0], [1.0, 2.0, 1.0, 1.0, 3.0, 1.0])
+    assert d is not None and d.step == 4 and d.evidence["loss_ratio"] == 15.0
+    assert "step 1 too" in d.message
+
+
+@pytest.mark.parametrize("reads", [1, 2, 10])
+def test_a_loss_ten_times_its_first_that_stays_up_is_early_divergence(reads: int) -> None:
+    # ema_checkpoint's shape at lr x100: 0.86, 14.9 (17x), then 6.8 and 3.4 (median 5.9x >= 2x) by step 3.
+    losses = [0.86, 14.85, 6.79, 3.38, 5.30, 2.88, 2.34, 0.50, 1.01, 0.71]
+    totals = [2.17, 7.57, 3.57, 1.74, 2.68, 1.56, 2.61, 0.24, 1.41, 0.36]
+    d = early_on(losses, totals, reads)
+    assert d is not None and d.step == STAY + 1 and d.evidence["first_rise_step"] == 1
+    assert "17.3x its start at step 1, and above 2x on most steps since" in d.message
+
+
+def test_a_loss_that_climbs_to_ten_times_its_first_is_early_divergence() -> None:
+    # A regression at a learning rate far too high, every step worse: 1.08x, 3.4x (its norm 9.6x, just short of
+    # BOTH_GRAD), then 60x. The 60x step follows a step already above BOTH_LOSS: a climb, named at once.
+    d = early_on([37.1, 40.1, 125.8, 2220.0, 1.8e8], [10.5, 32.8, 100.9, 995.6, 5.2e6])
+    assert d is not None and d.step == 3 and "climbing: 3.39x its start the step before" in d.message
+
+
 def test_one_outlier_step_or_one_signal_alone_is_not_early_divergence() -> None:
     base = [2.3] * EARLY_STEPS
     one_outlier = early_on([2.3, 2.2, 6.0, 2.1, *base[4:]], [1.0, 1.0, 12.0, 1.0, *[1.0] * 6])
+    # Heavy-tailed regression targets (Student-t, 1.5 degrees of freedom): one batch's loss 69x the first.
+    heavy_tail = early_on([7.7, 9.8, 7.4, 531.2, 14.6, 4.8, 19.9, 11.0, 9.4, 15.1],
+                          [1.0, 1.2, 1.0, 9.1, 1.4, 0.8, 1.6, 1.2, 1.1, 1.4])
     loss_only = early_on([0.4, 1.3, 1.2, 1.4, 1.1, *[1.2] * 5], [1.0, 1.5, 1.4, 1.6, 1.3, *[1.4] * 5])
     norm_only = early_on([2.3, 2.2, 2.1, 2.0, *[1.9] * 6], [0.1, 1.0, 2.0, 3.0, *[4.0] * 6])
-    assert (one_outlier, loss_only, norm_only) == (None, None, None)
+    assert (one_outlier, heavy_tail, loss_only, norm_only) == (None, None, None, None)
 
 
 def test_stalled_is_a_kind() -> None:
