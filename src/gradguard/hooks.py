@@ -15,6 +15,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
@@ -33,8 +34,7 @@ from .types import Action
 
 
 def _finite(x: torch.Tensor) -> torch.Tensor:
-    """``torch.isfinite`` in two kernels, not four: ``0 * x`` is 0 for finite x, NaN for inf and NaN."""
-    return (x * 0) == 0
+    return (x * 0) == 0  # torch.isfinite in two kernels, not four: 0 * x is 0 for finite x, NaN for inf and NaN
 
 
 # Optimizers with a live Guard: a second Guard on one of them is refused (weak: a dropped optimizer leaves).
@@ -315,8 +315,7 @@ class Wiring:
         self.outputs.act(action)
 
     def drain_safely(self, full: bool = False) -> None:
-        """``drain`` that never raises; ``full``: the window rules judge up to the newest step even when nothing
-        is pending (they run only every quarter window at reads)."""
+        """``drain`` that never raises; ``full``: the window rules judge up to the newest step, pending or not."""
         if self.failed or not (self.recorder.pending or full):
             return
         try:
@@ -335,19 +334,23 @@ class Wiring:
             return
         self._draining = True
         try:
-            h, rows = self.judge.ingest(self.recorder.read())
-            for action in self.repairer.clip_actions(h, rows):
-                self.act(action)
-            verdicts = self.judge.detect(h, len(rows), self._origins, full)
-            for verdict in verdicts:
-                self.emit(verdict)
-            if self.repairer.ladder is not None:
-                self.repairer.climb(self.model, h, len(rows), verdicts, self.recorder.step, self.recorder.rank,
-                                    self.act, self.judge.active_kinds(self.recorder.step))
-            if len(rows) and self.outputs.wants_stats:
-                self.outputs.stats(h, rows, self.recorder.script_max_norm)
+            with np.errstate(all="ignore"):  # NumPy's overflow (in a cast) is ours to judge, not the script's stderr
+                self._drain(full)
         finally:
             self._draining = False
+
+    def _drain(self, full: bool) -> None:
+        h, rows = self.judge.ingest(self.recorder.read())
+        for action in self.repairer.clip_actions(h, rows):
+            self.act(action)
+        verdicts = self.judge.detect(h, len(rows), self._origins, full)
+        for verdict in verdicts:
+            self.emit(verdict)
+        if self.repairer.ladder is not None:
+            self.repairer.climb(self.model, h, len(rows), verdicts, self.recorder.step, self.recorder.rank,
+                                self.act, self.judge.active_kinds(self.recorder.step))
+        if len(rows) and self.outputs.wants_stats:
+            self.outputs.stats(h, rows, self.recorder.script_max_norm)
 
     def close(self) -> None:
         """Read what is pending, remove every hook, close the outputs."""

@@ -78,6 +78,19 @@ def test_growth_needs_both_norm_and_loss() -> None:
     assert v is not None and v.key == ("exploding", "growth") and blind.exploded is None
 
 
+def test_a_huge_growth_is_written_in_three_digits() -> None:
+    # A float64 run's norm 1.69e75x its early level was written out as 76 digits; 100x stays a whole number.
+    g = np.ones((30, 2))
+    g[25:] = np.sqrt(0.5) * 1.69e75  # total norm 1.69e75 against an early level of sqrt(2): growth 1.195e75
+    losses = np.full(30, 2.0)
+    losses[27] = 5.0
+    v = detect_exploding_step(history(g, losses), 27, T)
+    assert v is not None and ", 1.2e+75x its early level 1.414 " in v.diagnosis.message
+    g[25:] = 100.0  # 100x in each layer: total growth 100
+    v = detect_exploding_step(history(g, losses), 27, T)
+    assert v is not None and ", 100x its early level 1.414 " in v.diagnosis.message
+
+
 def test_update_ratio_too_high() -> None:
     h = history(np.ones((10, 3)))
     for s, ratio in ((0, 0.5), (5, 0.3)):

@@ -90,3 +90,37 @@ def test_on_cuda_the_default_path_measures_a_huge_finite_gradient() -> None:
     guard, norm, _, _ = train_with_a_huge_gradient(1e-30, device="cuda")
     assert guard._wiring.recorder.wide_norms
     every_step_measured_as_float64_does(guard, norm)
+
+
+def test_a_float64_models_gradients_beyond_float32_are_finite_and_quiet() -> None:
+    """A float64 model (time-series scripts with LBFGS train in double) whose finite gradients reach 1e60, beyond
+    float32's maximum of 3.4e38: per-layer and total norms are kept as the finite numbers they are, nothing is
+    called non-finite, and gradguard prints no NumPy warning of its own into the script's stderr. Oracle: the
+    float64 norms of the same gradients by torch.linalg.vector_norm."""
+    import warnings
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+    opt = torch.optim.SGD(m.parameters(), lr=1e-70)  # the weights barely move: the gradients stay as set
+    x, y = torch.randn(16, 4, dtype=torch.float64), torch.randn(16, 1, dtype=torch.float64)
+    norms: dict[int, list[float]] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning gradguard lets out fails the test
+        guard = gg.Guard(m, opt, console=False, log_every=4, sample_every=4)
+        for s in range(12):
+            opt.zero_grad()
+            nn.functional.mse_loss(m(x), y).backward()
+            if s >= 6:
+                m[2].weight.grad.mul_(1e60)  # finite in float64, inf in float32
+            norms[s] = [torch.linalg.vector_norm(torch.cat([p.grad.reshape(-1) for p in lay.parameters()])).item()
+                        for lay in (m[0], m[2])]
+            opt.step()
+        guard.close()
+    h = guard.history
+    assert h is not None
+    for s in range(12):
+        row = int(np.nonzero(h.steps == s)[0][0])
+        np.testing.assert_allclose(h.grad[row], norms[s], rtol=1e-6)
+        assert np.isfinite(h.total[row]) and h.total[row] == pytest.approx(np.hypot(*norms[s]), rel=1e-6)
+    assert not [d for d in guard.diagnoses if d.kind == "nonfinite"]
+    assert any(d.kind == "exploding" for d in guard.diagnoses)  # 1e60x is an explosion, named as one

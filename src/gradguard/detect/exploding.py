@@ -24,6 +24,12 @@ REMEDIES = [
 ]
 
 
+def times(ratio: float) -> str:
+    """A growth factor for a message: whole numbers below 100000 ("2345"), then three significant digits
+    ("3.67e+148"): a diverged run's 1.7e75 is unreadable written out in full."""
+    return f"{ratio:.0f}" if ratio < 1e5 else f"{ratio:.3g}"
+
+
 def _grown_layers(h: History, row: int) -> tuple[list[str], float]:
     """Layers ranked by how much their gradient norm grew against their own early baseline."""
     assert h.grad is not None
@@ -69,7 +75,7 @@ def detect_exploding_step(h: History, row: int, t: Thresholds) -> Verdict | None
     if base and (growth > t.growth_factor and (loss_up or (no_loss and growth > 2 * t.growth_factor))):
         layers, layer_growth = _grown_layers(h, row)
         loss_txt = f" while the loss rose to {loss:.4g} from {base_loss:.4g}" if loss_up and loss is not None else ""
-        msg = (f"Gradients are exploding: the total gradient norm is {total:.4g}, {growth:.0f}x its early level "
+        msg = (f"Gradients are exploding: the total gradient norm is {total:.4g}, {times(growth)}x its early level "
                f"{base:.4g}{loss_txt}. Each step now moves the weights further than the last; left alone this "
                "ends in inf/NaN.")
         ev = {"total_grad_norm": total, "baseline_grad_norm": base, "growth": growth,

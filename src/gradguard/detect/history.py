@@ -154,8 +154,10 @@ class History:
         return self._memo[key]
 
     def __post_init__(self) -> None:
-        # float32: the device computes the norms in float32, so this keeps every bit they have at half the bytes
-        self.grad = np.zeros((0, len(self.layers)), dtype=np.float32)
+        # float64, as the host read delivers them: a float64 model's finite gradient norm can exceed float32's
+        # maximum (1e72 in an LBFGS regression at a learning rate 100x too high), and a float32 column would turn it
+        # into inf, which the non-finite rule then calls a non-finite gradient.
+        self.grad = np.zeros((0, len(self.layers)), dtype=np.float64)
         self.grad_ema = Ema(self.beta)
         self.loss_ema = Ema(self.beta)
 

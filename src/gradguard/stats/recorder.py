@@ -269,11 +269,12 @@ class StepRecorder:
                                   else torch.cat([update, after])))
 
     def _layer_norms(self, tensors: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> Any:
-        """Per-layer norms of a sample (weights, update) as a float32 vector. With the statistics on the CPU: one
+        """Per-layer norms of a sample (weights, update). With the statistics on the CPU: one
         fused norm folded in Python floats, kept as NumPy (each torch operator of the device fold costs 2-7 us of
         dispatch on small tensors, ``torch.tensor`` 10 us); elsewhere the device fold (no host read)."""
         if self.host:
-            return np.array(self.norms().host_with_total(tensors)[0], dtype=np.float32)
+            # float64, as folded: a float64 model's finite weight or update norm may exceed float32's maximum
+            return np.array(self.norms().host_with_total(tensors)[0], dtype=np.float64)
         return self.norms()(tensors)
 
     def end_step(self) -> None:
