@@ -82,7 +82,8 @@ def test_run_without_a_script_says_what_to_do(capsys) -> None:
             main(argv)
         err = capsys.readouterr().err
         assert e.value.code == 2
-        assert "usage: gradguard run [-h] [--out DIR] [--log-every N] [--repair] SCRIPT [ARGS...]" in err
+        assert ("usage: gradguard run [-h] [--out DIR] [--log-every N] [--repair] [--stochastic NAME] SCRIPT "
+                "[ARGS...]") in err
         assert "no script given" in err and "required" not in err
 
 

@@ -180,3 +180,41 @@ def test_repair_on_a_loop_without_an_optimizer_says_once_that_it_cannot_act(tmp_
     findings = " ".join(verdict(loaded)[1])
     assert "Update sizes: not measured (no optimizer" in findings and "Update sizes, dead" not in findings
     assert notes[0]["message"] in findings
+
+
+VAE_LIKE = (
+    "import torch\nfrom torch import nn\ntorch.manual_seed(0)\n"
+    "class VAE(nn.Module):  # samples in eval too, as pytorch/examples' VAE does: the test loss is an ELBO estimate\n"
+    "    def __init__(self):\n"
+    "        super().__init__(); self.enc = nn.Linear(6, 4); self.dec = nn.Linear(2, 6)\n"
+    "    def forward(self, x):\n"
+    "        mu, logvar = self.enc(x).chunk(2, dim=1)\n"
+    "        z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()\n"
+    "        return self.dec(z)\n"
+    "m = VAE(); opt = torch.optim.Adam(m.parameters(), lr=1e-3); x = torch.randn(32, 6)\n"
+    "for epoch in range(3):\n"
+    "    m.train()\n"
+    "    for _ in range(10):\n"
+    "        opt.zero_grad(); loss = (m(x) - x).square().mean(); loss.backward(); opt.step()\n"
+    "    m.eval()\n"
+    "    with torch.no_grad():\n"
+    "        print('test loss', round((m(x) - x).square().mean().item(), 4))\n")
+
+
+def test_a_sampler_in_eval_is_a_warning_and_can_be_marked_from_the_command_line(tmp_path) -> None:
+    """A VAE's reparameterisation samples in eval mode by design: gradguard says so as a warning that names the
+    function that drew (not a dropout left on, the error), and ``--stochastic '(root)'`` marks it."""
+    script = tmp_path / "vae.py"
+    script.write_text(VAE_LIKE)
+    plain = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    told = run("--out", str(tmp_path / "told"), str(script))
+    marked = run("--stochastic", "(root)", "--out", str(tmp_path / "marked"), str(script))
+    assert plain.returncode == told.returncode == marked.returncode == 0, told.stderr + marked.stderr
+    assert told.stdout == marked.stdout == plain.stdout  # the script's numbers: sampled alike in all three
+    (d,) = [json.loads(x) for x in (tmp_path / "told" / "events.jsonl").read_text().splitlines()]
+    assert d["kind"] == "stochastic_inference" and d["severity"] == "warning"
+    assert d["layers"] == ["VAE (the model itself)"] and "(randn_like)" in d["message"]
+    assert any("--stochastic '(root)'" in r for r in d["remedies"])
+    assert (tmp_path / "marked" / "events.jsonl").read_text() == ""
+    bad = run("--stochastic", "decoder", "--out", str(tmp_path / "bad"), str(script))
+    assert bad.returncode == 0 and "--stochastic 'decoder': VAE has no such module" in bad.stderr

@@ -7,8 +7,8 @@ import sys
 
 from . import __version__
 
-RUN_USAGE = "gradguard run [-h] [--out DIR] [--log-every N] [--repair] SCRIPT [ARGS...]"
-RUN_VALUE_OPTIONS = ("--out", "--log-every")  # the run options that take a value (the next word)
+RUN_USAGE = "gradguard run [-h] [--out DIR] [--log-every N] [--repair] [--stochastic NAME] SCRIPT [ARGS...]"
+RUN_VALUE_OPTIONS = ("--out", "--log-every", "--stochastic")  # the run options that take a value (the next word)
 
 
 def _positive_int(text: str) -> int:
@@ -51,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--log-every", metavar="N", type=_positive_int, default=10,
                      help="steps between statistics reads (default 10)")
     run.add_argument("--repair", action="store_true", help="repair while training runs (Guard(repair='auto'))")
+    run.add_argument("--stochastic", metavar="NAME", action="append", default=[],
+                     help="a module that samples on purpose in eval mode (a VAE's sampler), by the name gradguard "
+                          "prints ('(root)': the model itself); repeatable (Guard(stochastic=[...]))")
     # Optional for argparse so that a missing script gets our message, not "required: script, script_args".
     run.add_argument("script", nargs="?", metavar="SCRIPT",
                      help="the Python script to run (or a directory/zip with a __main__.py, as python takes)")
@@ -70,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             run.error("no script given; name the script to run and its arguments, as for python: "
                       "gradguard run train.py --epochs 3")
         try:
-            return run_script(args.script, script_args, args.out, args.log_every, args.repair)
+            return run_script(args.script, script_args, args.out, args.log_every, args.repair, args.stochastic)
         except RunError as e:
             print(f"gradguard run: {e}", file=sys.stderr)
             return 2

@@ -21,6 +21,7 @@ import shlex
 import sys
 import time
 import weakref
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -134,10 +135,11 @@ def owning_model(optimizer: torch.optim.Optimizer | None) -> nn.Module | None:
 class Watcher:
     """Attaches a Guard to each optimizer at its first step; closes them all at the end."""
 
-    def __init__(self, out: Path, log_every: int, repair: bool) -> None:
+    def __init__(self, out: Path, log_every: int, repair: bool, stochastic: Sequence[str] = ()) -> None:
         self.out = out
         self.log_every = log_every
         self.repair = repair
+        self.stochastic = list(stochastic)  # module names (--stochastic), looked up in each watched model
         # (guard, model, optimizer): the names in the summary come from our own references, not Guard internals
         self.watched: list[tuple[Guard, nn.Module, torch.optim.Optimizer | None]] = []
         self.stepped: list[str] = []  # class names of the optimizers that stepped, watched or not
@@ -147,6 +149,17 @@ class Watcher:
         self.backwards = 0
         self.scout = _BackwardScout(self)
         script_hooks.listen(self.scout)
+
+    def _stochastic_in(self, model: nn.Module) -> list[nn.Module]:
+        """The modules of ``model`` named by --stochastic (the names gradguard prints: "(root)" is the model)."""
+        inner = unwrap(model)  # the names gradguard prints are those inside compile/DDP wrappers
+        found = []
+        for name in self.stochastic:
+            try:
+                found.append(inner if name in ("", "(root)") else inner.get_submodule(name))
+            except AttributeError:
+                _say(f"--stochastic {name!r}: {type(inner).__name__} has no such module; it is not marked")
+        return found
 
     def on_backward(self, root: torch.Tensor | None) -> None:
         """A backward ran before any optimizer step. If no live torch.optim optimizer holds the parameters it
@@ -161,7 +174,8 @@ class Watcher:
             model = owning_model(None)
             if model is None or _has_optimizer(model):
                 return
-            guard = Guard(model, None, log_every=self.log_every, log_dir=self.out)
+            guard = Guard(model, None, log_every=self.log_every, log_dir=self.out,
+                          stochastic=self._stochastic_in(model))
             self.watched.append((guard, model, None))
             guard.adopt_backward(root)  # this backward is its first step
             if self.repair:
@@ -207,7 +221,7 @@ class Watcher:
             log_dir = self.out if not self.watched else self.out / f"optimizer-{len(self.watched)}"
             # The Guard registers its own step hooks on this optimizer now; they run for this very step.
             guard = Guard(model, optimizer, log_every=self.log_every, log_dir=log_dir,
-                          repair="auto" if self.repair else False)
+                          repair="auto" if self.repair else False, stochastic=self._stochastic_in(model))
             self.watched.append((guard, model, optimizer))
             if self.scout.last_loss is not None:
                 # The backwards of this first step ran before the Guard existed: their loss is step 0's.
@@ -273,7 +287,8 @@ class _BackwardScout:
 # The run
 
 
-def run(script: str, args: list[str], out: str | None = None, log_every: int = 10, repair: bool = False) -> int:
+def run(script: str, args: list[str], out: str | None = None, log_every: int = 10, repair: bool = False,
+        stochastic: Sequence[str] = ()) -> int:
     """Run ``script`` as ``python script args...`` would, with gradguard watching. Returns the exit code.
 
     Like the interpreter, this takes the process over: ``sys.argv``, ``sys.path[0]`` and ``sys.modules['__main__']``
@@ -310,7 +325,7 @@ def run(script: str, args: list[str], out: str | None = None, log_every: int = 1
         sys.path.insert(0, target.path0)
     sys.modules["__main__"] = main
 
-    watcher = Watcher(out_dir, log_every, repair)
+    watcher = Watcher(out_dir, log_every, repair, stochastic)
     try:
         execute(target, main)
     except SystemExit:

@@ -109,6 +109,26 @@ def test_eval_forward_drawing_random_numbers_is_named(sloppy: type[nn.Module]) -
     assert not torch.equal(a, b)  # the oracle: eval outputs really are random
     (d,) = g.diagnoses
     assert d.kind == "stochastic_inference" and d.layers == ["1"]
+    # a dropout left on is a bug, whichever function drew: an error, the function named
+    assert d.severity == "error" and ("(dropout)" if sloppy is SloppyDropout else
+                                      "(scaled_dot_product_attention)") in d.message
+    g.close()
+
+
+def test_a_sampler_in_eval_is_a_warning_naming_the_draw() -> None:
+    class Sampler(nn.Module):  # a noise layer / a VAE's reparameterisation: samples in eval, maybe by design
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + torch.randn_like(x) * x.new_ones(()).normal_()
+
+    m = nn.Sequential(nn.Linear(6, 6), Sampler(), nn.Linear(6, 2))
+    m, opt, g = setup(m)
+    with gg.inference(m):
+        a, b = m(torch.ones(4, 6)), m(torch.ones(4, 6))
+    assert not torch.equal(a, b)  # the oracle: eval outputs really are random
+    (d,) = g.diagnoses
+    assert d.kind == "stochastic_inference" and d.layers == ["1"] and d.severity == "warning"
+    assert "sampled random numbers in '1' (randn_like, normal_)" in d.message
+    assert "guard.mark_stochastic(module)" in d.remedies[0] and "--stochastic '1'" in d.remedies[0]
     g.close()
 
 

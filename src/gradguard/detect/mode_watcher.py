@@ -67,6 +67,7 @@ class ModeWatcher:
         self._buffer_slots = [(f"{mn}.{bn}" if mn else bn, m, bn) for mn, m in inner.named_modules()
                               for bn in m._buffers]
         self._stochastic_where: list[str] | None = None
+        self._draws: list[str] = []  # the torch functions that drew in the replay (see locate_rng)
         self._rng_explained = False
 
     @staticmethod
@@ -152,7 +153,7 @@ class ModeWatcher:
         if self._stochastic_where is None or ("stochastic_inference",) not in self.reporter.active:
             self.replaying = True
             try:
-                where = locate_rng(self.inner, args, kwargs, self.devices)
+                where, self._draws = locate_rng(self.inner, args, kwargs, self.devices)
             except Exception:
                 where = []  # the replay only names the module; the finding stands without it
             finally:
@@ -162,7 +163,8 @@ class ModeWatcher:
                 self._rng_explained = True  # only modules the user declared stochastic: stop checking
                 return
             self._stochastic_where = [n for n in where if n not in marked]
-        self.emit(mode_rules.stochastic_inference(self.step(), self._stochastic_where))
+        self.emit(mode_rules.stochastic_inference(self.step(), self._stochastic_where, self._draws,
+                                                  type(self.inner).__name__))
 
     def modules_by_name(self) -> dict[str, nn.Module]:
         if self._named_modules is None:

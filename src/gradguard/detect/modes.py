@@ -7,6 +7,8 @@ reads a device value.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from torch import nn
 
 from ..modes import ModeProfile
@@ -77,21 +79,42 @@ def inference_mutates_state(step: int, buffers: list[str], why: str) -> Verdict:
     return Verdict(("inference_mutates_state",), (tuple(modules),), d)
 
 
-def stochastic_inference(step: int, modules: list[str]) -> Verdict:
+# Torch functions that draw random numbers to drop or mask (dropout left on in eval is a bug); any other draw is
+# a sample (torch.randn_like, Tensor.normal_, torch.multinomial), which may be the model's design.
+_DROPOUT = ("dropout", "bernoulli", "scaled_dot_product_attention", "rrelu")
+
+
+def stochastic_inference(step: int, modules: list[str], draws: Sequence[str] = (), model: str = "") -> Verdict:
     """An eval-mode forward drew random numbers.
 
     Args:
         step: optimizer steps taken so far. modules: where the replay saw them drawn (may be empty).
+        draws: the torch functions that drew them (``locate_rng``; may be empty). model: the model's class name,
+            shown for the root module.
     """
-    where = f" in {_list(modules)}" if modules else ""
-    msg = (f"A forward in eval mode drew random numbers{where}: its outputs are random even in eval mode, so "
-           "evaluation results are not reproducible. Typical causes: F.dropout(x, p) left at its default "
-           "training=True, or scaled_dot_product_attention(..., dropout_p>0) called in eval.")
-    d = Diagnosis("stochastic_inference", "error", step, modules, msg, {"modules": float(len(modules))}, [
-        "pass the module's flag: F.dropout(x, p, training=self.training)",
-        "for attention: dropout_p=self.p if self.training else 0.0",
-        "if the module samples on purpose (a VAE, a diffusion step), say so: guard.mark_stochastic(module)",
-    ])
+    shown = [n or f"{model or 'the model'} (the model itself)" for n in modules]
+    where = f" in {_list(shown)}" if modules else ""
+    sampled = bool(draws) and not any(k in d for d in draws for k in _DROPOUT)
+    by = f" ({', '.join(list(draws)[:4])})" if draws else ""
+    mark = ("guard.mark_stochastic(module) (or Guard(..., stochastic=[module])); under gradguard run: --stochastic "
+            + (repr(modules[0] or "(root)") if modules else "NAME"))
+    if sampled:
+        msg = (f"A forward in eval mode sampled random numbers{where}{by}: its outputs, and the metrics computed "
+               "from them, change from one evaluation to the next. That is the design of a VAE's "
+               "reparameterisation, a noise layer or a stochastic policy; elsewhere it is a bug.")
+        d = Diagnosis("stochastic_inference", "warning", step, shown, msg, {"modules": float(len(modules))}, [
+            f"if the sampling is by design, say so and gradguard leaves it alone: {mark}",
+            "otherwise sample only in training (if self.training: z = mu + eps * std, else z = mu)",
+        ])
+    else:
+        msg = (f"A forward in eval mode drew random numbers{where}{by}: its outputs are random even in eval mode, "
+               "so evaluation results are not reproducible. Typical causes: F.dropout(x, p) left at its default "
+               "training=True, or scaled_dot_product_attention(..., dropout_p>0) called in eval.")
+        d = Diagnosis("stochastic_inference", "error", step, shown, msg, {"modules": float(len(modules))}, [
+            "pass the module's flag: F.dropout(x, p, training=self.training)",
+            "for attention: dropout_p=self.p if self.training else 0.0",
+            f"if the module samples on purpose (a VAE, a diffusion step), say so: {mark}",
+        ])
     return Verdict(("stochastic_inference",), (tuple(modules),), d)
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 
 def _tensors(obj: Any) -> list[torch.Tensor]:
@@ -122,14 +123,17 @@ def same_rng(a: list[Any], b: list[Any]) -> bool:
 
 
 def locate_rng(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
-               devices: list[torch.device]) -> list[str]:
-    """Replay a forward and name the innermost modules whose own forward drew random numbers.
+               devices: list[torch.device]) -> tuple[list[str], list[str]]:
+    """Replay a forward and name the innermost modules whose own forward drew random numbers, and the torch
+    functions that drew them.
 
     Runs off the per-step path, once, after an eval-mode forward was seen consuming random numbers. Buffers and
     the RNG are restored afterwards (see ``locate``).
 
     Returns:
-        Qualified module names, in call order (empty if the replay drew nothing).
+        Qualified module names, in call order (empty if the replay drew nothing), and the names of the torch
+        functions and tensor methods that drew (``dropout``, ``randn_like``, ``normal_``: a dropout left on is a
+        bug, a sampler may be by design), in call order, each once.
     """
     names = {id(m): n for n, m in model.named_modules()}
     stack: list[tuple[str, list[Any]]] = []
@@ -146,6 +150,27 @@ def locate_rng(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
             for outer, _ in stack:
                 parents_of.setdefault(outer, set()).add(name)
 
-    replay(model, args, kwargs, pre, post)
+    draws = _Draws(devices)
+    with draws:
+        replay(model, args, kwargs, pre, post)
     # innermost: a module that consumed, none of whose descendants did (they would explain it)
-    return [n for n in consumed if not parents_of.get(n)]
+    return [n for n in consumed if not parents_of.get(n)], draws.names
+
+
+class _Draws(TorchFunctionMode):
+    """Notes each torch function (or tensor method) that moved the random generators while it ran. The handler
+    runs with this mode off, so the functions it calls itself are not seen."""
+
+    def __init__(self, devices: list[torch.device]) -> None:
+        super().__init__()
+        self.devices = devices
+        self.names: list[str] = []
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        before = rng_state(self.devices)
+        out = func(*args, **(kwargs or {}))
+        if not same_rng(before, rng_state(self.devices)):
+            name = getattr(func, "__name__", type(func).__name__)
+            if name not in self.names:
+                self.names.append(name)
+        return out
