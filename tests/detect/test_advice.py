@@ -183,6 +183,23 @@ def diag(kind: str, step: int, remedies: list[str], layers: list[str] | None = N
     return gg.Diagnosis(kind, "warning", step, layers or [], f"{kind} found.", evidence or {}, list(remedies))
 
 
+def test_activations_held_as_functions_are_read_too() -> None:
+    # nn.TransformerEncoderLayer keeps F.relu (or F.gelu) as a function: its model uses ReLU, and the vanishing
+    # remedy "use a ReLU-family activation instead of sigmoid/tanh" does not fit it (pytorch/examples' word LM).
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32), 2, enable_nested_tensor=False)
+    f = model_facts(enc, repair=False, clip=None)
+    assert f.activations and f.saturating == ()
+
+    class Block(nn.Module):
+        def __init__(self, act) -> None:
+            super().__init__()
+            self.fc, self.act = nn.Linear(4, 4), act
+
+    assert model_facts(Block(torch.tanh), False, None).saturating == ("tanh",)
+    assert model_facts(Block(nn.functional.silu), False, None).activations
+    assert not model_facts(nn.Sequential(nn.Linear(4, 4), nn.PixelUnshuffle(2)), False, None).activations
+
+
 def test_model_facts_read_activation_recurrent_and_norm_types() -> None:
     f = model_facts(relu_mlp(), repair=False, clip=None)
     assert f == ModelFacts(saturating=(), activations=True, recurrent={}, norms=(), repair=False, clip=None)

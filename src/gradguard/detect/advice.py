@@ -17,6 +17,7 @@ It may touch: ``torch.nn`` (reading module types at attach), ``types`` and the d
 from __future__ import annotations
 
 import dataclasses
+import types
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -91,8 +92,40 @@ def model_facts(model: nn.Module, repair: bool, clip: object | None, optimizer: 
             sat[type(m).__name__] = None
         elif isinstance(m, NON_SATURATING):
             acts = True
+        # Activations held as functions (nn.TransformerEncoderLayer's F.relu/F.gelu, a block's self.act = F.silu)
+        # or as modules of other libraries (transformers' GELUActivation): known by their names.
+        for held in [m] + [getattr(m, a, None) for a in HELD if not isinstance(getattr(m, a, None), nn.Module)]:
+            kind = _activation_kind(held)
+            if kind == "saturating":
+                sat[getattr(held, "__name__", type(held).__name__)] = None
+            acts = acts or kind is not None
     clip_text = None if clip is None else (str(clip) if isinstance(clip, (int, float, str)) else type(clip).__name__)
     return ModelFacts(tuple(sat), acts, recurrent, tuple(norms), bool(repair), clip_text, bool(optimizer))
+
+
+HELD = ("activation", "act", "act_fn", "activation_fn", "nonlinearity")  # where a module keeps its activation
+
+
+def _activation_kind(f: object) -> str | None:
+    """"saturating", "non_saturating" or None for an activation known by name: a function (``F.relu``,
+    ``torch.tanh``), or a module class outside torch.nn (transformers' ``GELUActivation``). tanh and sigmoid
+    saturate; the ReLU family, GELU, SiLU and Mish do not."""
+    if isinstance(f, types.FunctionType | types.BuiltinFunctionType):
+        name = f.__name__.lower()
+        if name in ("tanh", "sigmoid", "hardtanh", "hardsigmoid", "softsign"):
+            return "saturating"
+        return "non_saturating" if name in FUNCTIONAL else None
+    if isinstance(f, nn.Module) and not type(f).__module__.startswith("torch.nn"):
+        name = type(f).__name__  # case kept: "ELU" must not match PixelUnshuffle
+        if any(k in name for k in ("ReLU", "GELU", "SiLU", "Swish", "Mish", "ELU")):
+            return "non_saturating"
+        if any(k in name for k in ("Tanh", "Sigmoid")):
+            return "saturating"
+    return None
+
+
+FUNCTIONAL = {"relu", "relu_", "relu6", "leaky_relu", "gelu", "silu", "elu", "selu", "celu", "mish", "hardswish",
+              "softplus", "prelu", "rrelu"}
 
 
 def _cause(d: Diagnosis, earlier: Sequence[Diagnosis]) -> Diagnosis | None:
