@@ -115,8 +115,9 @@ def _sustained(h: History, rose: list[int], r: int, first_loss: tuple[int, float
 
     steps = [int(h.steps[i]) for i in rose]
     if len(rose) >= RISES:
-        return f"it stood this far above its start at step{'s' if len(rose) > 2 else ''} " + \
-            ", ".join(map(str, steps[:-1])) + " too"
+        before = [s for s, i in zip(steps, rose) if i < r]  # the other rises, named beside row r's own
+        return f"it stood this far above its start at step{'s' if len(before) > 1 else ''} " + \
+            ", ".join(map(str, before)) + " too"
     big = [i for i in rose if loss(i) >= LOSS_RISE * first]
     if not big:
         return None
