@@ -36,10 +36,6 @@ class LossTally:
             # Shape, device and dtype are host metadata: convert only what differs (one kernel fewer per step).
             if value.dim() != 0:
                 value = value.reshape(())
-            if self.host and value.is_cpu:  # a memory load; kept in double: a float64 loss may pass float32's max
-                self.host_sum += value.item()
-                self.n += 1
-                return
             if value.device != self.device or value.dtype != torch.float32:
                 value = value.to(device=self.device, dtype=torch.float32, non_blocking=True)
             self.sum = value if self.sum is None else self.sum + value

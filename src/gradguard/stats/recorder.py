@@ -365,8 +365,9 @@ class StepRecorder:
         for step, w, u in self._samples:
             missing = np.full(L, -1.0)
             update, after = (missing, missing) if u is None else (u[:L], u[L:] if len(u) > L else missing)
-            out.samples.append((step, np.asarray(w, dtype=np.float64), np.asarray(update, dtype=np.float64),
-                                np.asarray(after, dtype=np.float64)))
+            # Copies (np.array): the update and after norms are views into one concatenated sample array.
+            out.samples.append((step, np.array(w, dtype=np.float64), np.array(update, dtype=np.float64),
+                                np.array(after, dtype=np.float64)))
         for step, name, call, what, value in self._acts:
             out.acts.append((step, name, call, what, value.detach().reshape(-1).to('cpu', torch.float64).numpy()))
         for step, name, e, late, steps_t in self._times:
