@@ -98,23 +98,23 @@ def stochastic_inference(step: int, modules: list[str], draws: Sequence[str] = (
     by = f" ({', '.join(list(draws)[:4])})" if draws else ""
     mark = ("guard.mark_stochastic(module) (or Guard(..., stochastic=[module])); under gradguard run: --stochastic "
             + (repr(modules[0] or "(root)") if modules else "NAME"))
+    severity: Severity
     if sampled:
-        msg = (f"A forward in eval mode sampled random numbers{where}{by}: its outputs, and the metrics computed "
-               "from them, change from one evaluation to the next. That is the design of a VAE's "
-               "reparameterisation, a noise layer or a stochastic policy; elsewhere it is a bug.")
-        d = Diagnosis("stochastic_inference", "warning", step, shown, msg, {"modules": float(len(modules))}, [
-            f"if the sampling is by design, say so and gradguard leaves it alone: {mark}",
-            "otherwise sample only in training (if self.training: z = mu + eps * std, else z = mu)",
-        ])
+        severity, msg = "warning", (
+            f"A forward in eval mode sampled random numbers{where}{by}: its outputs, and the metrics computed from "
+            "them, change from one evaluation to the next. That is the design of a VAE's reparameterisation, a "
+            "noise layer or a stochastic policy; elsewhere it is a bug.")
+        remedies = [f"if the sampling is by design, say so and gradguard leaves it alone: {mark}",
+                    "otherwise sample only in training (if self.training: z = mu + eps * std, else z = mu)"]
     else:
-        msg = (f"A forward in eval mode drew random numbers{where}{by}: its outputs are random even in eval mode, "
-               "so evaluation results are not reproducible. Typical causes: F.dropout(x, p) left at its default "
-               "training=True, or scaled_dot_product_attention(..., dropout_p>0) called in eval.")
-        d = Diagnosis("stochastic_inference", "error", step, shown, msg, {"modules": float(len(modules))}, [
-            "pass the module's flag: F.dropout(x, p, training=self.training)",
-            "for attention: dropout_p=self.p if self.training else 0.0",
-            f"if the module samples on purpose (a VAE, a diffusion step), say so: {mark}",
-        ])
+        severity, msg = "error", (
+            f"A forward in eval mode drew random numbers{where}{by}: its outputs are random even in eval mode, so "
+            "evaluation results are not reproducible. Typical causes: F.dropout(x, p) left at its default "
+            "training=True, or scaled_dot_product_attention(..., dropout_p>0) called in eval.")
+        remedies = ["pass the module's flag: F.dropout(x, p, training=self.training)",
+                    "for attention: dropout_p=self.p if self.training else 0.0",
+                    f"if the module samples on purpose (a VAE, a diffusion step), say so: {mark}"]
+    d = Diagnosis("stochastic_inference", severity, step, shown, msg, {"modules": float(len(modules))}, remedies)
     return Verdict(("stochastic_inference",), (tuple(modules),), d)
 
 
