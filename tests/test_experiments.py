@@ -33,7 +33,9 @@ def test_he2015_depth(tmp_path: Path) -> None:
     runs = {(r["depth"], r["var"]): r for r in rec["runs"]}
     xavier, kaiming = runs[(30, 1.0)], runs[(30, 2.0)]
     assert xavier["left_plateau"] is None and "vanishing" in xavier["first"]  # stalls, and gradguard says why
-    assert kaiming["test_acc"] >= 0.8
+    # Learns: five times chance at least (a late spike of this chaotic trajectory ended at 77.6% on one CPU, 84% and
+    # more on others; the 1/n network ends near 10%).
+    assert kaiming["left_plateau"] is not None and kaiming["test_acc"] >= 0.5
     # Nothing about its gradients, but for a spike the loss the script recorded shows (at this learning rate a
     # 30-layer plain net may spike on one CPU and not on another: its trajectory is chaotic).
     assert not [d for d in kaiming["diagnoses"] if d["kind"] in GRADIENT_KINDS and not d.get("loss_spiked")]
