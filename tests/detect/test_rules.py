@@ -113,6 +113,15 @@ def test_dead_units_are_units_never_active_in_any_sample() -> None:
     assert v.diagnosis.kind == "dead_units" and v.diagnosis.evidence["dead_fraction"] == 0.5  # units 2 and 3
     h.add_act(9, "relu", 0, "active", np.array([1, 0, 1, 0.0]))
     assert detect_units(h, T) == []  # over the last 3 samples only unit 3 (25%) never fired
+    # Wider than a byte, and not a multiple of 8 (the packed masks carry padding bits): 13 units, of which units
+    # 0, 5, 8 and 12 fired in some sample, so 9 of 13 never did.
+    h3 = history(np.ones((10, 2)))
+    for s, on in zip((0, 3, 6), ((0, 5), (8,), (12, 5))):
+        mask = np.zeros(13)
+        mask[list(on)] = 1.0
+        h3.add_act(s, "relu", 0, "active", mask)
+    (v3,) = detect_units(h3, T)
+    assert v3.diagnosis.evidence["dead_fraction"] == 1.0 - 4 / 13 and v3.diagnosis.evidence["units"] == 13.0
     # Three records of one step (a module called three times, or three micro-batches) are not persistence.
     h2 = history(np.ones((10, 2)))
     for _ in range(3):

@@ -48,6 +48,19 @@ def test_mixed_dtypes_fold_into_one_vector() -> None:
     assert torch.allclose(norms.double(), torch.tensor(want, dtype=torch.float64), rtol=1e-5)
 
 
+def test_host_pair_matches_vector_norm_per_layer_for_both_lists() -> None:
+    # A sample step's update and weights after it, folded from one fused norm: each list must give its own
+    # per-layer norms (mixed dtypes: one group per dtype), as torch.linalg.vector_norm computes them.
+    m = nn.Sequential(nn.Linear(4, 6), nn.Linear(6, 3).to(torch.float64), nn.Linear(3, 2))
+    lm = build_layer_map(m, None)
+    first = [torch.randn_like(p) for p in lm.params]
+    second = [torch.randn_like(p) * 100 for p in lm.params]
+    got_first, got_second = LayerNorms(lm, torch.device("cpu")).host_pair(first, second)
+    for got, tensors in ((got_first, first), (got_second, second)):
+        want = [_oracle(tensors[2 * i: 2 * i + 2]) for i in range(3)]
+        assert all(abs(g - w) <= 1e-5 * w for g, w in zip(got, want)), (got, want)
+
+
 def test_nonfinite_propagates() -> None:
     m = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
     lm = build_layer_map(m, None)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..types import Diagnosis, Severity
-from .history import History, Thresholds, loss_stalled, unit_mask
+from .history import History, Thresholds, loss_stalled
 from .reporter import Verdict
 
 DEAD_REMEDIES = [
@@ -61,11 +61,16 @@ def detect_units(h: History, t: Thresholds) -> list[Verdict]:
         where = f"'{name}'" + (f" (call {call + 1} of {calls} in a forward pass)" if calls > 1 else "")
         key = (name, str(call))
         if what == "active":
-            masks = [unit_mask(v) for _, v in recent]
-            if len({m.shape for m in masks}) != 1:
+            units = recent[0][1][0]
+            if any(v[0] != units for _, v in recent):
                 continue
-            # Dead = not active for any sample of any of the last n sampled batches.
-            frac = float(1.0 - np.max(np.stack(masks), axis=0).mean())
+            # Dead = not active for any sample of any of the last n sampled batches: the OR of the packed masks
+            # as one Python integer (the padding bits of packbits are 0), its set bits counted. Runs at each new
+            # sample; a few integer operations instead of unpacking, stacking and reducing arrays.
+            alive = 0
+            for _, (_, packed) in recent:
+                alive |= int.from_bytes(packed.tobytes(), "big")
+            frac = 1.0 - alive.bit_count() / units
             if frac < t.dead_fraction:
                 continue
             sev: Severity = "error" if frac >= 0.9 else "warning"
@@ -73,7 +78,7 @@ def detect_units(h: History, t: Thresholds) -> list[Verdict]:
                    f"the last {n} sampled batches). Dead units pass no gradient, so their incoming weights never "
                    "update again; the layer has lost that much capacity.")
             out.append(Verdict(("dead_units", *key), (sev,), Diagnosis(
-                "dead_units", sev, step, layers, msg, {"dead_fraction": frac, "units": float(masks[0].size),
+                "dead_units", sev, step, layers, msg, {"dead_fraction": frac, "units": float(units),
                                                        "samples": float(n)}, list(DEAD_REMEDIES))))
         elif what == "saturated" and name != last_act:
             flat = np.array([v[0] for _, v in recent])

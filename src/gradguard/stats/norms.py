@@ -154,6 +154,28 @@ class LayerNorms:
             out[layer] = ABSENT
         return out, math.sqrt(sum(sq))
 
+    def host_pair(self, first: Sequence[torch.Tensor], second: Sequence[torch.Tensor]) -> tuple[list[float],
+                                                                                                 list[float]]:
+        """Per-layer norms of two lists of CPU tensors, each aligned with ``layers.params`` and none absent (a
+        sample step's update and weights after it), from one fused norm per (dtype) group: a torch operator and a
+        plan lookup fewer than two ``host_with_total`` calls.
+
+        Returns:
+            The per-layer norms of ``first`` and of ``second``, as floats.
+        """
+        n = len(first)
+        plan = self._plan(tuple(range(n)))
+        sq = [0.0] * (2 * self.layers.num_layers)
+        both = [*first, *second]
+        for pos, idx in plan.host_groups:
+            norms = self._foreach_norms(both, pos + [i + n for i in pos], wide=False)
+            values = torch.stack(norms).tolist()  # CPU tensors: a memory read, as in host_with_total
+            for layer, v, w in zip(idx, values, values[len(pos):]):
+                sq[layer] += v * v
+                sq[self.layers.num_layers + layer] += w * w
+        out = list(map(math.sqrt, sq))
+        return out[:self.layers.num_layers], out[self.layers.num_layers:]
+
     def with_total(self, tensors: Sequence[torch.Tensor | None],
                    wide: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-layer norms and the global norm of ``tensors`` (what ``clip_grad_norm_`` measures), from one pass.

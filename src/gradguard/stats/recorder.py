@@ -257,16 +257,18 @@ class StepRecorder:
         step, wnorm, before = self._snapshot
         self._snapshot = None
         # in place: w_before - w_after (a DTensor's local shard: the snapshot holds shards)
-        torch._foreach_sub_(before, [local(p.detach()) for p in self.layers.params])
+        now = [local(p.detach()) for p in self.layers.params]
+        torch._foreach_sub_(before, now)
         if self.sharded:  # summed over ranks in the next step's all-reduce (one per step)
             self._pending_update = (step, wnorm, *self.norms().squares(before))
-        else:
+        elif self.host:
             # ||w_after|| too: with ||w_before|| and ||dw|| it gives the update's part across the weights, apart
-            # from the radial shrinking of weight decay (History.update_ratios, orthogonal=True).
-            after = self._layer_norms([local(p.detach()) for p in self.layers.params])
-            update = self._layer_norms(before)
-            self._samples.append((step, wnorm, np.concatenate([update, after]) if self.host
-                                  else torch.cat([update, after])))
+            # from the radial shrinking of weight decay (History.update_ratios, orthogonal=True). One fused norm
+            # for both; float64, as folded (see _layer_norms).
+            update, after = self.norms().host_pair(before, now)
+            self._samples.append((step, wnorm, np.array(update + after, dtype=np.float64)))
+        else:
+            self._samples.append((step, wnorm, torch.cat([self._layer_norms(before), self._layer_norms(now)])))
 
     def _layer_norms(self, tensors: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> Any:
         """Per-layer norms of a sample (weights, update). With the statistics on the CPU: one
@@ -369,7 +371,8 @@ class StepRecorder:
             out.samples.append((step, np.array(w, dtype=np.float64), np.array(update, dtype=np.float64),
                                 np.array(after, dtype=np.float64)))
         for step, name, call, what, value in self._acts:
-            out.acts.append((step, name, call, what, value.detach().reshape(-1).to('cpu', torch.float64).numpy()))
+            # a bool unit mask, or two float32 statistics (exact in float64): CPU tensors, read as they are
+            out.acts.append((step, name, call, what, value.reshape(-1).to('cpu').numpy()))
         for step, name, e, late, steps_t in self._times:
             out.times.append((step, name, float(e), float(late), steps_t))  # CPU tensors: memory loads
         return out
