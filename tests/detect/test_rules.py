@@ -13,7 +13,7 @@ from gradguard.detect.exploding import (
 )
 from gradguard.detect.history import History
 from gradguard.detect.reporter import Reporter, Verdict
-from gradguard.detect.units import detect_units
+from gradguard.detect.units import detect_dead_flow, detect_units
 from gradguard.detect.vanishing import detect_vanishing
 
 T = gg.Thresholds()
@@ -425,3 +425,54 @@ def test_step_candidates_is_the_vectorised_filter() -> None:
             flag |= h.total[sl] > T.growth_factor * base
         flag |= (h.z[sl] > T.spike_z) | (h.total[sl] > T.watch_ratio * h.mean[sl])
         assert step_candidates(h, range(lo, n), T) == (np.flatnonzero(flag) + lo).tolist(), trial
+
+
+def _dying(dead_from: int, steps: int = 200, layers: int = 4, dead: tuple[int, ...] = (0, 1, 2),
+           losses: np.ndarray | None = None) -> History:
+    """Gradients alive (0.5, one burst of 0.7 to keep them unequal) until ``dead_from``, then exactly 0 in the
+    ``dead`` layers; the head (the last layer) keeps a gradient throughout. Loss flat at 2.3 unless given."""
+    g = np.full((steps, layers), 0.5)
+    g[3] = 0.7
+    g[dead_from:, list(dead)] = 0.0
+    return history(g, losses)
+
+
+def test_dead_flow_names_the_layers_whose_gradient_stays_exactly_zero() -> None:
+    # Steps 120-199 exactly 0 in layers 0-2: 80 trailing zero steps of the 100-step window (>= 50).
+    v = detect_dead_flow(_dying(120), T)
+    assert v is not None and v.emit and v.key == ("dead_units", "gradient flow")
+    d = v.diagnosis
+    assert d.kind == "dead_units" and d.layers == ["l0", "l1", "l2"] and d.severity == "error"
+    assert d.evidence["zero_steps"] == 80.0 and d.evidence["dead_layers"] == 3.0 and "since step 120" in d.message
+    # The whole window zero: said as "the last 100 steps", not a start the window cannot see.
+    assert "every one of the last 100 steps" in detect_dead_flow(_dying(50), T).diagnosis.message
+    # One layer out of four, not the first: a warning.
+    one = detect_dead_flow(_dying(120, dead=(2,)), T)
+    assert one is not None and one.diagnosis.layers == ["l2"] and one.diagnosis.severity == "warning"
+
+
+def test_dead_flow_needs_a_long_zero_run_a_start_with_gradient_and_a_stalled_loss() -> None:
+    assert detect_dead_flow(_dying(151), T) is None  # 49 trailing zero steps: under half the window
+    g = np.full((200, 4), 0.5)
+    g[:, 1] = 0.0  # exactly 0 from the start: an unused branch under zero_grad(set_to_none=False)
+    assert detect_dead_flow(history(g), T) is None
+    g[:, 1] = -1.0  # absent (no .grad at all) throughout
+    assert detect_dead_flow(history(g), T) is None
+    # A burst of gradient 10 steps ago breaks the run: the units are not all dead.
+    bursty = _dying(100)
+    bursty.grad[-10, 0] = 0.3
+    v = detect_dead_flow(bursty, T)
+    assert v is not None and v.diagnosis.layers == ["l1", "l2"]
+    # The loss still falls (the head learns on): not reported; already reported, kept alive without a report.
+    falling = _dying(120, losses=np.linspace(2.3, 0.5, 200))
+    assert detect_dead_flow(falling, T) is None
+    kept = detect_dead_flow(falling, T, known=True)
+    assert kept is not None and not kept.emit
+    # ReLU modules sampled: they name the dead units themselves (and the vanishing behind them, see advice.py).
+    sampled = _dying(120)
+    sampled.add_act(150, "relu", 0, "active", np.zeros(8))
+    assert detect_dead_flow(sampled, T) is None
+    # No observed loss: a dead net and a perfect fit (a hinge loss at 0) look alike, so nothing is said.
+    blind = _dying(120)
+    blind.loss_seen[:] = False
+    assert detect_dead_flow(blind, T) is None

@@ -210,6 +210,54 @@ def test_relus_killed_by_negative_bias_are_dead_units() -> None:
     assert [x.layers[0] for x in dead_diags] == ["3", "5"]
 
 
+class _ThreeLayers(nn.Module):
+    """ReLU called as a function (as pytorch/examples' mnist does: no activation module to sample), or as modules."""
+
+    def __init__(self, modules: bool) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.out = nn.Linear(64, 128), nn.Linear(128, 64), nn.Linear(64, 10)
+        self.r1, self.r2 = (nn.ReLU(), nn.ReLU()) if modules else (nn.functional.relu, nn.functional.relu)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.r2(self.fc2(self.r1(self.fc1(x)))))
+
+
+@pytest.mark.parametrize("kill, modules", [(True, False), (False, False), (True, True)])
+def test_a_layer_that_dies_mid_run_behind_functional_relus_is_named_from_its_gradients(kill: bool,
+                                                                                      modules: bool) -> None:
+    # At step 100 fc1's bias goes to -100: its pre-activations are negative for every input in [0, 1]^64 (the
+    # oracle below), so from then on no gradient reaches fc1, exactly 0 at every step; the head and fc2's bias
+    # keep learning the label frequencies and the loss goes flat. The same run untouched learns and stays silent.
+    torch.manual_seed(0)
+    m = _ThreeLayers(modules)
+    opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
+    guard = gg.Guard(m, opt, console=False)
+    xtr, ytr = digits()[:2]
+    gen = torch.Generator().manual_seed(0)
+    for s in range(400):
+        if kill and s == 100:
+            with torch.no_grad():
+                m.fc1.bias.fill_(-100.0)
+                assert (m.fc1(xtr) < 0).all()  # oracle: every unit after fc1 is dead on the whole training set
+        idx = torch.randint(0, len(xtr), (64,), generator=gen)
+        opt.zero_grad()
+        nn.functional.cross_entropy(m(xtr[idx]), ytr[idx]).backward()
+        opt.step()
+    guard.close()
+    dead = [d for d in guard.diagnoses if d.kind == "dead_units"]
+    if not kill:
+        assert guard.diagnoses == []
+        return
+    if modules:  # the samples name the dead ReLU module; the gradient form does not repeat it
+        assert dead and dead[0].layers == ["r1"] and dead[0].evidence["dead_fraction"] == 1.0
+        assert not [d for d in dead if "No gradient reaches" in d.message]
+        return
+    assert not [d for d in guard.diagnoses if d.kind == "vanishing"]  # exact zeros are dead units, not vanishing
+    assert len(dead) == 1 and dead[0].layers == ["fc1"] and dead[0].severity == "error"
+    # Reported once 50 steps of exact zeros have passed, counted from the step of the kill.
+    assert dead[0].step >= 150 and "since step 100" in dead[0].message
+
+
 def test_sigmoid_with_huge_weights_saturates() -> None:
     m = mlp(3, 64, nn.Sigmoid)
     with torch.no_grad():

@@ -25,7 +25,7 @@ from .history import History, Thresholds
 from .nonfinite import detect_nonfinite
 from .reporter import Reporter, Verdict
 from .stalled import detect_stalled
-from .units import detect_units
+from .units import FLOW_KEY, detect_dead_flow, detect_units
 from .vanishing import detect_vanishing
 
 
@@ -134,7 +134,9 @@ class Judge:
         if due and np.isfinite(h.total[-th.window:]).all():
             self._window_at = last
             vanishing_known = any(key[0] == "vanishing" for key in self.reporter.active)
-            found += [detect_exploding_window(h, th), detect_vanishing(h, th, vanishing_known)]
+            dead = detect_dead_flow(h, th, FLOW_KEY in self.reporter.active)
+            # Gradients exactly 0 are dead units, not vanishing ones: that verdict says what happened and what helps.
+            found += [detect_exploding_window(h, th), dead or detect_vanishing(h, th, vanishing_known)]
             if h.acts_version != self._acts_seen:  # unit verdicts change only when a new sample arrived
                 self._acts_seen = h.acts_version
                 found += detect_units(h, th)

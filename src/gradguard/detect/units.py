@@ -1,4 +1,5 @@
-"""``dead_units`` and ``saturation``, from activation samples taken every ``sample_every`` steps."""
+"""``dead_units`` and ``saturation``, from activation samples taken every ``sample_every`` steps; and ``dead_units``
+from the gradients alone, where no activation module can be sampled (ReLU called as a function)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,16 @@ DEAD_REMEDIES = [
     "use LeakyReLU/GELU/ELU, which keep a gradient for negative inputs",
     "re-initialise the layer before it (Kaiming, zero or small positive bias) or add BatchNorm before the ReLU",
 ]
+FLOW_REMEDIES = [
+    "restart from a checkpoint taken before the units died, at a lower learning rate: the net cannot leave this "
+    "state on its own",
+    *DEAD_REMEDIES,
+]
+# A layer is dead when its gradient has been exactly 0 at every one of at least this fraction of the window's last
+# steps. A living layer's gradient is never exactly 0 (a sum of many products); dead ReLUs feeding it make it 0 at
+# every step.
+ZERO_RUN = 0.5
+FLOW_KEY = ("dead_units", "gradient flow")
 SAT_REMEDIES = [
     "scale the initial weights down (Xavier/Glorot with the activation's gain: gradguard.reinit(model, 'xavier'))",
     "normalise the inputs of the layer (standardise features, BatchNorm/LayerNorm before the activation)",
@@ -101,6 +112,57 @@ def detect_units(h: History, t: Thresholds) -> list[Verdict]:
             out.append(Verdict(("saturation", *key), ("warning",), Diagnosis(
                 "saturation", "warning", step, layers, msg, ev, list(SAT_REMEDIES))))
     return out
+
+
+def detect_dead_flow(h: History, t: Thresholds, known: bool = False) -> Verdict | None:
+    """Layers whose gradient has been exactly 0 at each of the last ``ZERO_RUN * t.window`` steps or more, after a
+    start with gradient, while the loss does not improve: the ReLU units next to them output 0 for every input.
+
+    The activation samples see this only through activation modules; a model that calls ``F.relu`` has none, and
+    after a learning rate far too high it can die whole (pytorch/examples' mnist at 100x: conv and fc gradients
+    exactly 0 and the loss at ln 10 for five epochs). The window rules then read it as vanishing gradients, or as
+    the explosion's damage, whose remedy (a lower rate) no longer helps: nothing flows to learn from.
+
+    Left out: a layer never had a gradient (absent, or 0 from the first steps: an unused branch under
+    ``zero_grad(set_to_none=False)``), a loss that still improves or has converged (a fitted hinge loss), and a
+    model whose ReLU modules are sampled: there the samples name the dead units themselves, and the vanishing
+    gradient behind them is reported as theirs (``advice``), so a report from the gradients would only repeat them.
+
+    Args:
+        h: the history; t: thresholds. known: the condition is active (reported, not yet gone): while the layers
+            stay dead it is kept alive even where the loss gate flickers (the head alone still learning a little).
+
+    Returns:
+        A ``dead_units`` verdict naming the dead layers (forward order), or None.
+
+    References:
+        Lu et al., "Dying ReLU and Initialization: Theory and Numerical Examples", 2019.
+    """
+    if len(h.steps) < t.window or len(h.first_grads) < 3 or any(what == "active" for _, _, what in h.acts):
+        return None
+    stalled, prog = loss_stalled(h, t)
+    if prog is None or not (stalled or known):  # without an observed loss a dead net and a perfect fit look alike
+        return None
+    g = h.grad[-t.window:]
+    first = np.stack(h.first_grads)
+    alive_at_start = ((first > 0).sum(axis=0) >= 2).tolist()  # a gradient in most of the first steps
+    run = (g[::-1] == 0.0).cumprod(axis=0).sum(axis=0).tolist()  # trailing steps exactly 0 (ABSENT, -1, is not)
+    dead = [i for i in range(len(h.layers)) if run[i] >= ZERO_RUN * len(g) and alive_at_start[i]]
+    if not dead:
+        return None
+    n_zero = min(run[i] for i in dead)
+    names = [h.layers[i] for i in dead]
+    sev: Severity = "error" if len(dead) * 2 >= len(h.layers) or dead[0] == 0 else "warning"
+    shown = ", ".join(f"'{n}'" for n in names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+    when = (f"at every one of the last {n_zero} steps" if n_zero == len(g) else
+            f"at every step since step {int(h.steps[-n_zero])} ({n_zero} steps)")
+    msg = (f"No gradient reaches {shown}: {'its' if len(names) == 1 else 'their'} gradient has been exactly 0 {when}, "
+           f"and the loss has stopped improving. The ReLU units next to {'it' if len(names) == 1 else 'them'} "
+           f"output 0 for every input (dead), so no gradient passes and these weights never update again; the run "
+           "cannot recover by itself.")
+    ev = {"dead_layers": float(len(dead)), "zero_steps": float(n_zero), "loss_progress": prog}
+    return Verdict(FLOW_KEY, (sev,), Diagnosis("dead_units", sev, int(h.steps[-1]), names, msg, ev,
+                                               list(FLOW_REMEDIES)), emit=stalled)
 
 
 def _preceding_layer(h: History, activation: str) -> str | None:
