@@ -28,6 +28,8 @@ import sys
 import time
 from collections import defaultdict
 
+from instructions import VARIANTS  # the same five variants, counted there (this file's folder is on sys.path)
+
 
 def child(kind: str, steps: int) -> None:
     """Time every step; print one ``category microseconds`` line per step."""
@@ -72,15 +74,6 @@ def child(kind: str, steps: int) -> None:
         after_read, after_sample = reads > before, sample
         lines.append(f"{cat}\t{dt}")
     print("\n".join(lines))
-
-
-VARIANTS = {
-    "plain": "plain",
-    "clip": "plain + clip_grad_norm_(1.0)",
-    "guard": "plain + Guard (defaults)",
-    "guard_clip": "plain + Guard(clip=1.0)",
-    "repair": "plain + Guard(repair='auto')",
-}
 
 
 def main() -> None:
