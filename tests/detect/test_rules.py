@@ -472,6 +472,8 @@ def test_dead_flow_needs_a_long_zero_run_a_start_with_gradient_and_a_stalled_los
     sampled = _dying(120)
     sampled.add_act(150, "relu", 0, "active", np.zeros(8))
     assert detect_dead_flow(sampled, T) is None
+    # Sigmoid/tanh in the model: a gradient can also vanish to 0 below float32's range; the rule does not apply.
+    assert detect_dead_flow(_dying(120), T, saturating=True) is None
     # No observed loss: a dead net and a perfect fit (a hinge loss at 0) look alike, so nothing is said.
     blind = _dying(120)
     blind.loss_seen[:] = False

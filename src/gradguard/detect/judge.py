@@ -134,7 +134,8 @@ class Judge:
         if due and np.isfinite(h.total[-th.window:]).all():
             self._window_at = last
             vanishing_known = any(key[0] == "vanishing" for key in self.reporter.active)
-            dead = detect_dead_flow(h, th, FLOW_KEY in self.reporter.active)
+            dead = detect_dead_flow(h, th, FLOW_KEY in self.reporter.active,
+                                    self.facts is not None and bool(self.facts.saturating))
             # Gradients exactly 0 are dead units, not vanishing ones: that verdict says what happened and what helps.
             found += [detect_exploding_window(h, th), dead or detect_vanishing(h, th, vanishing_known)]
             if h.acts_version != self._acts_seen:  # unit verdicts change only when a new sample arrived

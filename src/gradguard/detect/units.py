@@ -114,7 +114,7 @@ def detect_units(h: History, t: Thresholds) -> list[Verdict]:
     return out
 
 
-def detect_dead_flow(h: History, t: Thresholds, known: bool = False) -> Verdict | None:
+def detect_dead_flow(h: History, t: Thresholds, known: bool = False, saturating: bool = False) -> Verdict | None:
     """Layers whose gradient has been exactly 0 at each of the last ``ZERO_RUN * t.window`` steps or more, after a
     start with gradient, while the loss does not improve: the ReLU units next to them output 0 for every input.
 
@@ -126,11 +126,13 @@ def detect_dead_flow(h: History, t: Thresholds, known: bool = False) -> Verdict 
     Left out: a layer never had a gradient (absent, or 0 from the first steps: an unused branch under
     ``zero_grad(set_to_none=False)``), a loss that still improves or has converged (a fitted hinge loss), and a
     model whose ReLU modules are sampled: there the samples name the dead units themselves, and the vanishing
-    gradient behind them is reported as theirs (``advice``), so a report from the gradients would only repeat them.
+    gradient behind them is reported as theirs (``advice``), so a report from the gradients would only repeat them;
+    and a model with sigmoid/tanh-like activations, where a gradient can also vanish below float32's range to 0.
 
     Args:
         h: the history; t: thresholds. known: the condition is active (reported, not yet gone): while the layers
             stay dead it is kept alive even where the loss gate flickers (the head alone still learning a little).
+        saturating: the model has saturating activations (``ModelFacts.saturating``): the rule does not apply.
 
     Returns:
         A ``dead_units`` verdict naming the dead layers (forward order), or None.
@@ -138,7 +140,8 @@ def detect_dead_flow(h: History, t: Thresholds, known: bool = False) -> Verdict 
     References:
         Lu et al., "Dying ReLU and Initialization: Theory and Numerical Examples", 2019.
     """
-    if len(h.steps) < t.window or len(h.first_grads) < 3 or any(what == "active" for _, _, what in h.acts):
+    if (saturating or len(h.steps) < t.window or len(h.first_grads) < 3
+            or any(what == "active" for _, _, what in h.acts)):
         return None
     stalled, prog = loss_stalled(h, t)
     if prog is None or not (stalled or known):  # without an observed loss a dead net and a perfect fit look alike
