@@ -163,18 +163,18 @@ class LayerNorms:
         Returns:
             The per-layer norms of ``first`` and of ``second``, as floats.
         """
-        n = len(first)
+        n, L = len(first), self.layers.num_layers
         plan = self._plan(tuple(range(n)))
-        sq = [0.0] * (2 * self.layers.num_layers)
+        sq = [0.0] * (2 * L)  # first's layers, then second's
         both = [*first, *second]
         for pos, idx in plan.host_groups:
             norms = self._foreach_norms(both, pos + [i + n for i in pos], wide=False)
             values = torch.stack(norms).tolist()  # CPU tensors: a memory read, as in host_with_total
             for layer, v, w in zip(idx, values, values[len(pos):]):
                 sq[layer] += v * v
-                sq[self.layers.num_layers + layer] += w * w
+                sq[L + layer] += w * w
         out = list(map(math.sqrt, sq))
-        return out[:self.layers.num_layers], out[self.layers.num_layers:]
+        return out[:L], out[L:]
 
     def with_total(self, tensors: Sequence[torch.Tensor | None],
                    wide: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
