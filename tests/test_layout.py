@@ -7,6 +7,7 @@ Read from the source with ``ast`` (no import needed): no module of src/gradguard
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -101,3 +102,67 @@ def test_the_checks_can_fail() -> None:
     g = graph()
     assert "gradguard.stats.recorder" in g["gradguard.detect.judge"]  # judge reads the recorder's host rows
     assert "gradguard.guard" in g["gradguard.doctor"]
+
+
+# Which rooms a module may say it is in, by its folder; top-level modules may be in any room but a folder's.
+FOLDER_ROOMS = {"stats": {"the step recorder"}, "detect": {"the judge", "the mode watcher"},
+                "repair": {"the repairer"}, "report": {"the outputs"}, "integrations": {"above the Guard"}}
+TOP_ROOMS = {"the facade", "the mode watcher", "above the Guard", "shared values"}
+ROOM_LINE = re.compile(r"Room: (?P<room>[^.]+)\. It may touch: (?P<touch>.*?)\.\s*$", re.S)
+
+
+def room_claim(doc: str | None) -> tuple[str, set[str]] | None:
+    """(room, names it may touch) from the docstring's ``Room: ... It may touch: ...`` paragraph, or None."""
+    if not doc or "\nRoom: " not in doc:
+        return None
+    m = ROOM_LINE.search("Room: " + doc.split("\nRoom: ", 1)[1])  # the paragraph that starts a line with "Room: "
+    if m is None:
+        return None
+    touch = m["touch"]
+    names = set(re.findall(r"``([\w.]+)``", touch))
+    if not names and " ".join(touch.split()) != "no other module":
+        return None
+    return " ".join(m["room"].split()), names
+
+
+def untouchable(mod: str, deps: set[str], names: set[str]) -> list[str]:
+    """Imports of ``mod`` that its claimed names do not cover: a name covers itself and, for a package other than
+    gradguard itself, every module inside it."""
+    def covered(dep: str) -> bool:
+        short = dep.removeprefix("gradguard.") if dep != "gradguard" else "gradguard"
+        return any(short == n or (n != "gradguard" and short.startswith(n + ".")) for n in names)
+    return sorted(d for d in deps if not covered(d))
+
+
+def test_every_module_says_its_room_and_what_it_may_touch() -> None:
+    """README's Layout promises that each module's docstring names its room and what it may touch: the room must
+    fit the module's folder, the names must exist, and every gradguard import of the module must be among them."""
+    g = graph()
+    files = {module_name(p): p for p in PKG.rglob("*.py")}
+    short_names = {m.removeprefix("gradguard.") for m in files} | {"gradguard"}
+    wrong = []
+    for mod, path in sorted(files.items()):
+        claim = room_claim(ast.get_docstring(ast.parse(path.read_text())))
+        if claim is None:
+            wrong.append(f"{mod}: no 'Room: ... It may touch: ...' paragraph")
+            continue
+        room, names = claim
+        folder = mod.split(".")[1] if mod.count(".") and mod.split(".")[1] in FOLDER_ROOMS else None
+        if room not in (FOLDER_ROOMS[folder] if folder else TOP_ROOMS):
+            wrong.append(f"{mod}: room {room!r} does not fit its folder")
+        wrong += [f"{mod}: names {n!r}, which is no module" for n in sorted(names - short_names)]
+        wrong += [f"{mod}: imports {d} without saying so" for d in untouchable(mod, g[mod], names)]
+    assert wrong == []
+
+
+def test_the_room_check_can_fail() -> None:
+    """The docstring oracle reads what a docstring says, and finds an import it leaves out."""
+    doc = "Title.\n\nRoom: the judge. It may touch: ``detect``,\n``stats.layers``.\n"
+    assert room_claim(doc) == ("the judge", {"detect", "stats.layers"})
+    assert room_claim("Title.\n\nRoom: the judge. It may touch: no other\nmodule.\n") == ("the judge", set())
+    assert room_claim("Title.\n\nRoom: the judge. It may touch: everything.\n") is None
+    assert room_claim("Title, with no room.") is None
+    deps = {"gradguard.detect.history", "gradguard.stats.layers", "gradguard.stats.norms", "gradguard.guard"}
+    assert untouchable("gradguard.detect.x", deps, {"detect", "stats.layers"}) == ["gradguard.guard",
+                                                                                   "gradguard.stats.norms"]
+    assert untouchable("gradguard.x", {"gradguard.guard"}, {"gradguard"}) == ["gradguard.guard"]

@@ -3,6 +3,8 @@
 Watches every layer's gradients at almost no cost and says, in plain words, when they explode, vanish (through
 depth or through time), turn non-finite, or when units die or saturate; guards the switch between training and
 inference (``gradguard.inference``, and mode checks while a Guard is attached).
+
+Room: the facade. It may touch: ``detect.history``, ``doctor``, ``guard``, ``modes``, ``repair``, ``types``.
 """
 
 from __future__ import annotations

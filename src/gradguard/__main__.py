@@ -1,4 +1,7 @@
-"""``python -m gradguard ...`` is the ``gradguard`` command."""
+"""``python -m gradguard ...`` is the ``gradguard`` command.
+
+Room: above the Guard. It may touch: ``cli``.
+"""
 
 import sys
 

@@ -1,4 +1,9 @@
-"""Assembly: builds the rooms of one Guard from its options and the wiring between them (``Guard.__init__``)."""
+"""Assembly: builds the rooms of one Guard from its options and the wiring between them (``Guard.__init__``).
+
+Room: the facade. It may touch: ``detect.advice``, ``detect.history``, ``detect.judge``, ``detect.mode_watcher``,
+``gradguard``, ``hooks``, ``repair.clip``, ``repair.stepper``, ``report.outputs``, ``report.sinks``,
+``stats.distributed``, ``stats.layers``, ``stats.recorder``.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""Command line: ``gradguard run | report | demo``."""
+"""Command line: ``gradguard run | report | demo``.
+
+Room: above the Guard. It may touch: ``demo``, ``gradguard``, ``report.html``, ``runner``.
+"""
 
 from __future__ import annotations
 

@@ -8,6 +8,8 @@ HTML report per run. Trains on one torch thread: 43 s on a 2-core machine busy w
 - exploding: a learning rate far too high, untreated, with clipping alone, repaired by ``repair="auto"`` while it
   trains, and set right by hand;
 - modes: the train/eval pitfalls (``gradguard.demo_modes``).
+
+Room: above the Guard. It may touch: ``demo_data``, ``demo_modes``, ``guard``, ``report.html``.
 """
 
 from __future__ import annotations

@@ -1,6 +1,9 @@
 """What the demos and the reproductions train on: scikit-learn's bundled digits, the generated adding problem, and
 the small models the stories compare. Plain functions of a seed: no Guard here (``demo`` and ``demo_modes`` both
-import from this module, never from each other)."""
+import from this module, never from each other).
+
+Room: above the Guard. It may touch: no other module.
+"""
 
 from __future__ import annotations
 

@@ -4,6 +4,8 @@ A small MLP with BatchNorm and Dropout is trained on scikit-learn's digits, then
 printed are read on the host on purpose: this is a demonstration after training, not a training loop):
 ``torch.no_grad()`` alone (still in training mode), ``model.eval()`` + ``torch.no_grad()``, and
 ``gradguard.inference(model)``. A Guard attached to the model says what went wrong, as it happens.
+
+Room: above the Guard. It may touch: ``demo_data``, ``guard``, ``modes``.
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@
 Given a function that builds a fresh model and optimizer, a function that trains them for a few steps on the
 user's data, and (optionally) the diagnosis to treat, each candidate is applied to a fresh model, trained with a
 Guard attached, and judged by its loss and its gradient flow. The untreated model runs too, as the reference.
+
+Room: above the Guard. It may touch: ``detect.flow``, ``guard``, ``repair.structural``, ``types``.
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@
                                                           backoff, rollback)  sinks)
     detect.mode_watcher beside them: forwards of the root module.
 
-Per optimizer step (the hot path) only device work is launched; every ``log_every`` steps the rows are copied to
-the host in one transfer and judged there, so each diagnosis names the step it happened at.
+Room: the facade. It may touch: ``assemble``, ``detect.history``, ``detect.mode_watcher``, ``hooks``, ``listen``,
+``options``, ``repair.clip``, ``report.sinks``, ``types``.
 """
 
 from __future__ import annotations

@@ -4,6 +4,10 @@ optimizer step -> recorder (measure) -> repairer (clip) -> recorder (queue the r
 recorder (one host read) -> judge (history, detectors) -> repairer (ladder) -> outputs. Forwards of the root
 module go to the mode watcher. Everything here runs inside the user's training step, so every entry point
 catches its own failures: gradguard warns once, removes its hooks and stands aside (``internal_failure``).
+
+Room: the facade. It may touch: ``detect.judge``, ``detect.mode_watcher``, ``detect.reporter``, ``param_groups``,
+``repair.stepper``, ``report.outputs``, ``state``, ``stats.own_hooks``, ``stats.recorder``, ``stats.sentinel``,
+``types``.
 """
 
 from __future__ import annotations
@@ -60,17 +64,13 @@ class Wiring:
                  log_every: int, immediate: bool, can_replay: bool) -> None:
         self.model, self.optimizer, self.inner = model, optimizer, inner
         self.recorder, self.judge, self.modes, self.repairer, self.outputs = recorder, judge, modes, repairer, outputs
-        self.log_every = log_every
-        self.immediate = immediate
+        self.log_every, self.immediate, self.can_replay = log_every, immediate, can_replay
         self._stats_on_cpu = recorder.device.type == "cpu"
         self.groups_seen = len(optimizer.param_groups) if optimizer is not None else 0
-        self.can_replay = can_replay
-        self.closed = False
-        self.failed = False
+        self.closed = self.failed = False
         self.recorded = False  # the repaired step measured already; the pre-hook must not measure twice
         self.external = False  # record_gradients() measured this step (a framework callback, before its clip)
-        self.recording = False
-        self._draining = False
+        self.recording = self._draining = False
         self._handles: list[RemovableHandle | OwnHandle] = []
         self._order_handles: list[OwnHandle] = []
         self._order: list[str] = []

@@ -8,6 +8,8 @@
 A backward "reached the model" when the gradient of one of a few probe parameters changed: a new ``.grad``
 tensor or a bumped version counter, host metadata only (no sync). Every entry point keeps its failures to itself:
 gradguard stands aside (``Wiring.internal_failure``), the script goes on.
+
+Room: the facade. It may touch: ``hooks``, ``stats``, ``stats.script_hooks``.
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ behaviour profile the mode detectors use.
 ``model.eval()`` changes how layers compute (Dropout keeps every unit, BatchNorm uses its running statistics, any
 custom ``self.training`` branch flips); ``torch.no_grad()`` / ``torch.inference_mode()`` only stop gradient
 tracking. ``gradguard.inference`` does both, and on exit gives every module back its own previous flag.
+
+Room: the mode watcher. It may touch: ``stats.layers``.
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""Checks of the Guard's options, before anything is attached: bad input gets a clear error that says what to do."""
+"""Checks of the Guard's options, before anything is attached: bad input gets a clear error that says what to do.
+
+Room: the facade. It may touch: ``detect.history``.
+"""
 
 from __future__ import annotations
 

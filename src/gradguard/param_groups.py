@@ -7,6 +7,8 @@ Earlier rows read the new layers as absent. The repair ladder's snapshots hold t
 ``optimizer.load_state_dict`` refuses once the groups differ: the state at the change becomes the ladder's state at
 attach, and older snapshots are dropped. Runs once per change, off the per-step path (its one host read: the rows
 queued so far are drained first, in the old layout).
+
+Room: the facade. It may touch: ``detect.history``, ``stats.layers``, ``stats.norms``.
 """
 
 from __future__ import annotations

@@ -10,6 +10,9 @@ directory or zip file with a ``__main__.py`` run through runpy as Python does, t
 without gradguard's frames, and Python's own exit status (``SystemExit`` and ``KeyboardInterrupt`` are handed back
 to the interpreter, which turns them into the status exactly as for a plain run). gradguard only adds its lines on
 stderr; if gradguard itself fails it says so once and the script runs on unwatched.
+
+Room: above the Guard. It may touch: ``gradguard``, ``guard``, ``report.outputs``, ``script``, ``stats``,
+``stats.layers``, ``stats.script_hooks``.
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@
 Finding what to run (a file, a ``.pyc``, a directory or zip with a ``__main__.py``), a fresh ``__main__`` module with
 the values Python gives it, compiling and executing it, and printing an uncaught exception without gradguard's
 frames through ``sys.excepthook``. Nothing here watches anything: ``runner`` does that around ``execute``.
+
+Room: above the Guard. It may touch: no other module.
 """
 
 from __future__ import annotations

@@ -1,5 +1,8 @@
 """Checking a saved Guard state before any of it is loaded: garbage gets a ValueError naming the key, and the
-Guard is left exactly as it was (every part is loaded into a throw-away copy first)."""
+Guard is left exactly as it was (every part is loaded into a throw-away copy first).
+
+Room: the facade. It may touch: ``detect.history``, ``detect.reporter``, ``repair``, ``repair.ladder``.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""The values gradguard hands back: what it found (`Diagnosis`) and what it did (`Action`)."""
+"""The values gradguard hands back: what it found (`Diagnosis`) and what it did (`Action`).
+
+Room: shared values. It may touch: no other module.
+"""
 
 from __future__ import annotations
 

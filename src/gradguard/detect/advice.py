@@ -11,7 +11,9 @@ the Guard knows about the model and about itself, collected once at attach (``mo
 - the diagnoses already reported: a consequence names its cause (dead or saturated units, or NaN/Inf, reported
   after a gradient explosion: "fix the explosion at step N first").
 
-It may touch: ``torch.nn`` (reading module types at attach), ``types`` and the detectors' remedy constants.
+It reads the model's module types (``torch.nn``) at attach and the detectors' remedy constants.
+
+Room: the judge. It may touch: ``detect``, ``types``.
 """
 
 from __future__ import annotations

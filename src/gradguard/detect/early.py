@@ -1,6 +1,9 @@
 """Divergence from the first steps: a learning rate far too high throws the loss up by orders of magnitude, or
 the gradient norm far above its first values, before any window of evidence exists (the window rules wait 50-100
-steps; the run is ruined by then). Judged on each of the first ``EARLY_STEPS`` steps against the first ones."""
+steps; the run is ruined by then). Judged on each of the first ``EARLY_STEPS`` steps against the first ones.
+
+Room: the judge. It may touch: ``detect``, ``types``.
+"""
 
 from __future__ import annotations
 

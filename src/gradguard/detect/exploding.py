@@ -1,6 +1,8 @@
 """``exploding``: gradients that spike, grow without bound, or move the weights far too much per step.
 
 Everything here reads the host-side History (NumPy), at a statistics read: no device value is touched.
+
+Room: the judge. It may touch: ``detect``, ``types``.
 """
 
 from __future__ import annotations

@@ -1,5 +1,8 @@
 """What flows through the layers over a window of the history: per-layer update-to-weight ratios and the early
-vs late layers' gradient, read by the vanishing, stalled and exploding rules and by the doctor."""
+vs late layers' gradient, read by the vanishing, stalled and exploding rules and by the doctor.
+
+Room: the judge. It may touch: ``detect``.
+"""
 
 from __future__ import annotations
 

@@ -3,7 +3,10 @@
 It keeps the host-side ``History`` (running statistics, early baselines, samples), runs the detectors on each
 host read and deduplicates their verdicts through the ``Reporter``; mode verdicts from the mode watcher pass
 through the same reporter. It reads only host NumPy (the recorder's ``HostRead``) and touches nothing on the
-model or the optimizer. It may touch: ``detect`` and ``types``.
+model or the optimizer.
+
+Room: the judge. It may touch: ``detect``, ``stats.layers``, ``stats.measured``, ``stats.recorder``,
+``stats.sentinel``, ``types``.
 """
 
 from __future__ import annotations

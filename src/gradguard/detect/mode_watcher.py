@@ -4,6 +4,8 @@ Host facts only (module flags, buffer version counters, generator states): ``tra
 ``inference_mutates_state``, ``stochastic_inference`` (one replay names the module) and ``eval_mode_training``
 (judged at the optimizer step). It hands verdicts to ``emit`` (the judge's reporter deduplicates them). It may
 touch: the model's flags and buffers (read only; a replay restores the RNG), ``detect.modes``, ``stats.sentinel``.
+
+Room: the mode watcher. It may touch: ``detect``, ``modes``, ``stats.sentinel``.
 """
 
 from __future__ import annotations

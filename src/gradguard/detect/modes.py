@@ -3,6 +3,8 @@
 The Guard observes forwards through hooks on the root module only; these functions turn what it saw into
 verdicts. Inputs are plain host facts (module flags, buffer version counters, generator states): nothing here
 reads a device value.
+
+Room: the mode watcher. It may touch: ``detect``, ``modes``, ``types``.
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""``nonfinite``: NaN or Inf in the loss or in a gradient."""
+"""``nonfinite``: NaN or Inf in the loss or in a gradient.
+
+Room: the judge. It may touch: ``detect``, ``stats.norms``, ``stats.sentinel``, ``types``.
+"""
 
 from __future__ import annotations
 

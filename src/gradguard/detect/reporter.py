@@ -1,4 +1,7 @@
-"""Report a condition once, and again only when it changes or comes back after going away."""
+"""Report a condition once, and again only when it changes or comes back after going away.
+
+Room: the judge. It may touch: ``types``.
+"""
 
 from __future__ import annotations
 

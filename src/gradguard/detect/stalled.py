@@ -26,6 +26,8 @@ The evidence says what was ruled out (gradient flow, units) and what is most lik
 References:
     Karpathy, "A Recipe for Training Neural Networks", 2019 (update/weight near 1e-3). Le, Jaitly & Hinton, "A
     Simple Way to Initialize Recurrent Networks of Rectified Linear Units", 2015 (the IRNN's long plateaus).
+
+Room: the judge. It may touch: ``detect``, ``types``.
 """
 
 from __future__ import annotations

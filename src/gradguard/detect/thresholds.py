@@ -1,4 +1,7 @@
-"""Every number a detector compares against, in one place (``Guard(thresholds=)``; judge room, plain data)."""
+"""Every number a detector compares against, in one place (``Guard(thresholds=)``; judge room, plain data).
+
+Room: the judge. It may touch: no other module.
+"""
 
 from __future__ import annotations
 

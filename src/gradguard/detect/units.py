@@ -1,5 +1,8 @@
 """``dead_units`` and ``saturation``, from activation samples taken every ``sample_every`` steps; and ``dead_units``
-from the gradients alone, where no activation module can be sampled (ReLU called as a function)."""
+from the gradients alone, where no activation module can be sampled (ReLU called as a function).
+
+Room: the judge. It may touch: ``detect``, ``types``.
+"""
 
 from __future__ import annotations
 

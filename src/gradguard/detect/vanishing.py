@@ -8,6 +8,8 @@ whose gradients look small at initialisation but which learns, raises nothing:
   vanishing, where the ratio looks fine: a deep ReLU net with Var(w)=1/n);
 - through time: the gradient reaching the first time steps of a recurrent layer's input is orders of magnitude
   below what reaches the last ones.
+
+Room: the judge. It may touch: ``detect``, ``types``.
 """
 
 from __future__ import annotations

@@ -7,6 +7,8 @@
 
 Nothing is imported here: importing ``gradguard`` or this package never imports Lightning or transformers; each
 adapter imports its framework when its own module is imported.
+
+Room: above the Guard. It may touch: no other module.
 """
 
 from __future__ import annotations

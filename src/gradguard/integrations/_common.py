@@ -1,5 +1,8 @@
 """What the framework adapters share: turning gradguard's sink records into flat metric dicts, finding the torch
-optimizer inside a framework's wrapper, and the results every callback exposes. Imports nothing beyond torch."""
+optimizer inside a framework's wrapper, and the results every callback exposes. Imports nothing beyond torch.
+
+Room: above the Guard. It may touch: ``guard``, ``types``.
+"""
 
 from __future__ import annotations
 

@@ -3,6 +3,8 @@
 Works with the ``lightning`` package (``lightning.pytorch``) and, when only it is installed, the standalone
 ``pytorch_lightning`` package; Lightning calls callback hooks by name, so the callback also works in a
 ``pytorch_lightning.Trainer`` when both packages are installed. Tested with Lightning 2.6.
+
+Room: above the Guard. It may touch: ``guard``, ``integrations``.
 """
 
 from __future__ import annotations

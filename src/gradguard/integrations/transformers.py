@@ -2,6 +2,8 @@
 ``Trainer.train``; ``attach(trainer, ...)`` adds it where its metrics reach the Trainer's loggers.
 
 Tested with transformers 5.x and accelerate 1.x, one process.
+
+Room: above the Guard. It may touch: ``guard``, ``integrations``.
 """
 
 from __future__ import annotations

@@ -1,5 +1,8 @@
 """Repairs: clipping strategies applied to the gradients the Guard already measured, the repair ladder, structural
-remedies (functions on a model) and the doctor that tries them."""
+remedies (functions on a model) and the doctor that tries them.
+
+Room: the repairer. It may touch: ``repair``.
+"""
 
 from .adaptive_clip import AutoClip, ZClip, make_clip
 from .clip import AGC, ClipMethod, GlobalNorm, LayerNorm, ScalarClip, ValueClip

@@ -1,6 +1,8 @@
 """The adaptive clipping strategies, whose cap follows the run (ZClip, AutoClip), and ``make_clip``, which turns a
 ``Guard(clip=...)`` value into a strategy. Stateful: their state is kept as device tensors (or Python floats while
 the statistics live on the CPU) and saved with ``state_dict``.
+
+Room: the repairer. It may touch: ``repair``.
 """
 
 from __future__ import annotations

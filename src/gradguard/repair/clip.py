@@ -4,6 +4,8 @@ device value: a clipping coefficient is clamped, not tested, so nothing waits fo
 Each strategy is a small object with ``clip_(...)`` (used by ``Guard(clip=...)``, given the measured norms) and
 ``step(parameters)`` (standalone: measures, then clips). Stateful ones (ZClip, AutoClip) keep their state as
 device tensors and have ``state_dict``/``load_state_dict``.
+
+Room: the repairer. It may touch: no other module.
 """
 
 from __future__ import annotations

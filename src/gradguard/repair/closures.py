@@ -1,6 +1,9 @@
 """The repaired step's helpers for ``optimizer.step(closure)``: the closure run ahead of a one-evaluation optimizer,
 the fail-safe gradient check, and LBFGS, whose many closure calls per step leave no single gradient to judge
-before its update (see ``lbfgs_step``)."""
+before its update (see ``lbfgs_step``).
+
+Room: the repairer. It may touch: ``types``.
+"""
 
 from __future__ import annotations
 

@@ -15,6 +15,8 @@
 
 Decisions 3 and 4 are taken on the host at the Guard's statistics reads (every ``log_every`` steps); decision 1 at
 every step (see ``Guard``).
+
+Room: the repairer. It may touch: ``detect.history``, ``repair``, ``types``.
 """
 
 from __future__ import annotations

@@ -5,6 +5,8 @@ A run that clips most steps (common with ``clip=1.0`` on language models) would 
 BENCHMARKS.md, "Scale"). Clips are kept only for the most recent steps; the rarer repairs (skips, learning-rate
 changes, rollbacks) are kept far longer. Every action still reaches the sinks (``events.jsonl``, TensorBoard, ...)
 and is counted, so nothing is lost but the old in-memory copies.
+
+Room: the repairer. It may touch: ``types``.
 """
 
 from __future__ import annotations

@@ -6,6 +6,8 @@ head with Adam, one Guard each), a rollback that rewound their weights would lea
 step counters at a later step than their weights: a state the run was never in. So a snapshot holds only what its
 optimizer owns (see ``owned_model_state``), and a rollback restores only that; with one optimizer training every
 parameter (the common case) it is the whole ``model.state_dict()``, as before.
+
+Room: the repairer. It may touch: no other module.
 """
 
 from __future__ import annotations

@@ -2,8 +2,11 @@
 climbs the ladder (learning-rate backoff, rollback) on the judge's verdicts.
 
 It owns the optimizer's step wrapper (``repair="auto"``) and the fused optimizers' ``grad_scale``/``found_inf``
-flags, and restores both exactly. It may touch: the optimizer (its ``step`` attribute, learning rates, flags),
-the gradients (clipping), the model and optimizer state (rollback), ``repair`` and ``detect.history``.
+flags, and restores both exactly. It changes the optimizer (its ``step`` attribute, learning rates, flags),
+the gradients (clipping), the model and optimizer state (rollback).
+
+Room: the repairer. It may touch: ``detect.history``, ``detect.reporter``, ``repair``, ``stats.distributed``,
+``stats.layers``, ``stats.recorder``, ``types``.
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@
 - ``reinit``: gain-aware Kaiming/Xavier (gain from the activation that follows each layer), orthogonal and identity
   (IRNN) recurrent weights, LSUV (data-driven, unit output variance layer by layer), zero-init of residual-branch
   ends.
+
+Room: the repairer. It may touch: no other module.
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@ every gradient finite, so no skip and no non-finite step ever points at it, yet 
 gives NaN (inf * 0). The sampled weight norms show it: they arrive with the rows at each host read (no extra sync),
 and a non-finite one is a corrupted weight. ``WeightWatch`` reads them there, remembers the newest sample step
 whose weights were all finite (states up to it are trusted), and names the first corrupted layers since.
+
+Room: the repairer. It may touch: ``detect.history``, ``stats.layers``.
 """
 
 from __future__ import annotations

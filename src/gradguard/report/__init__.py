@@ -3,6 +3,8 @@
 ``TensorBoardSink``, ``WandbSink`` and ``MlflowSink`` are exported lazily: ``from gradguard.report import
 TensorBoardSink`` imports only the small gradguard module; tensorboard, wandb or mlflow is imported when the sink
 is created (install them with the extras ``gradguard[tensorboard]``, ``gradguard[wandb]``, ``gradguard[mlflow]``).
+
+Room: the outputs. It may touch: ``report``.
 """
 
 from __future__ import annotations

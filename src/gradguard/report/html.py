@@ -10,6 +10,8 @@ Reads run directories written by ``gradguard run`` and by ``Guard(log_dir=...)``
 (``gradguard.report.load``). Every value from the files is HTML-escaped where it is written into the page: the
 files are input, and a layer name, a message or a hand-edited step can hold markup.
 Plots need matplotlib (``pip install 'gradguard[report]'``), imported only when drawing.
+
+Room: the outputs. It may touch: ``report``.
 """
 
 from __future__ import annotations

@@ -6,6 +6,8 @@ every line is checked against the schema on its own (``gradguard.report.records`
 look like once read), a line that cannot be used is skipped and the reason kept as a ``Note`` naming the file and
 line, and only a directory that holds no usable ``meta.json`` at all is refused, with a ``ReportError`` whose
 message is one line. Nothing here raises anything else on bad input.
+
+Room: the outputs. It may touch: ``report``.
 """
 
 from __future__ import annotations

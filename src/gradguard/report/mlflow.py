@@ -18,6 +18,8 @@ Choices, and why:
   as "nan"), rewritten whole at each event (MLflow artifacts cannot be appended to; diagnoses are deduplicated, so
   the file stays small); and a tag ``{prefix}/count/{kind}`` per kind, searchable in the runs table. Clipping
   happens at every clipped step, so it is the metric ``{prefix}/clipped_norm`` instead, sent with the next read.
+
+Room: the outputs. It may touch: ``report``.
 """
 
 from __future__ import annotations

@@ -1,8 +1,10 @@
 """Room 4 of the flow, the outputs: where diagnoses, actions and statistics records go.
 
 The console, the run directory (``meta.json``, ``events.jsonl``, ``stats.jsonl``) and the user's sinks. Only
-rank 0 writes; other ranks close the sinks they were given. It keeps the bounded log of actions. It may touch:
-files under ``log_dir``, the console stream, the sinks; nothing on the model or the optimizer.
+rank 0 writes; other ranks close the sinks they were given. It keeps the bounded log of actions. It writes
+files under ``log_dir``, the console stream and the sinks, and nothing on the model or the optimizer.
+
+Room: the outputs. It may touch: ``detect.history``, ``repair.log``, ``report``, ``stats.recorder``, ``types``.
 """
 
 from __future__ import annotations

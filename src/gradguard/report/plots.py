@@ -2,6 +2,8 @@
 (before clipping, with the clip threshold) and the loss over time with diagnoses and actions, gradient flow per
 layer, the gradient reaching the first and last time steps of recurrent layers, a steps x layers heatmap and
 update-to-weight ratios. Helpers and what they promise: ``plotting``.
+
+Room: the outputs. It may touch: ``report``.
 """
 
 from __future__ import annotations

@@ -11,6 +11,8 @@ What the plots promise a reader:
   one labelled "non-finite from step N".
 - A point without neighbours (one logged step, one sample) is drawn as a marker, not left invisible.
 - Layer names are text, never math: a layer named ``$x$`` or ``_hidden`` is shown as it is written.
+
+Room: the outputs. It may touch: ``report``.
 """
 
 from __future__ import annotations

@@ -12,6 +12,8 @@ Values come back normalised, so the plotting and HTML code never meet a wrong ty
 
 A line without a usable ``step`` (or, for events, ``type`` and ``kind``) is skipped; any other field of the wrong
 type is read as absent or shown as found, and said so in a note.
+
+Room: the outputs. It may touch: no other module.
 """
 
 from __future__ import annotations

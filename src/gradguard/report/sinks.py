@@ -17,6 +17,8 @@ Run directory layout (``Guard(log_dir=...)``), schema version 1:
 
 Every line is flushed as it is written, so a killed process leaves a readable log. ``gradguard.report.load`` reads
 it back, skipping (and listing) any line a crash, a resumed run or a hand edit left unusable.
+
+Room: the outputs. It may touch: ``report``.
 """
 
 from __future__ import annotations

@@ -1,6 +1,8 @@
 """TensorBoard sink: statistics as scalars, diagnoses and actions as markdown text, flushed record by record.
 
 Needs ``tensorboard`` (``pip install 'gradguard[tensorboard]'``), imported only when a sink is created from a path.
+
+Room: the outputs. It may touch: ``report``.
 """
 
 from __future__ import annotations

@@ -16,6 +16,8 @@ advance by one per gradguard row (their charts on a custom x-axis are unaffected
 to ``run.log`` and that step can advance more slowly than gradguard's reads (for instance ``step=epoch``), use
 ``commit=False``: gradguard's values are then added to the row you log next and never move W&B's step, at the price
 that only the latest gradguard values between two of your rows are kept.
+
+Room: the outputs. It may touch: ``report``.
 """
 
 from __future__ import annotations

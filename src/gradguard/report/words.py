@@ -3,6 +3,8 @@ verdict, which says what the run shows, what was judged and what could not be.
 
 "Healthy" is said only when there was enough to judge: no diagnosis after too few steps is "too few steps to
 judge", and no diagnosis above a loss that rose is "the run is not healthy".
+
+Room: the outputs. It may touch: ``report``.
 """
 
 from __future__ import annotations

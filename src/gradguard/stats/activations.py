@@ -6,6 +6,8 @@
 - Recurrent modules (RNN/LSTM/GRU): how much gradient reaches the first and the last time steps of the input.
 
 Each hook leaves small device tensors in a list; the Guard copies them to the host with the step statistics.
+
+Room: the step recorder. It may touch: ``stats``.
 """
 
 from __future__ import annotations

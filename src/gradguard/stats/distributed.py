@@ -7,6 +7,8 @@ shards, and one all-reduce of a vector of ``num_layers + 2`` floats per step sum
 Replicated parameters beside shards are counted on rank 0 only, so nothing is counted twice.
 
 Everything here runs on the device (the all-reduce is enqueued on the stream like any kernel): no host read.
+
+Room: the step recorder. It may touch: no other module.
 """
 
 from __future__ import annotations

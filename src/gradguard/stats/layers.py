@@ -6,6 +6,8 @@ attribute of the root module, a learned start state) form the layer ``ROOT``, "(
 name is empty. A parameter shared by several modules (tied embeddings) belongs to the first module that owns it, so
 it is counted once. Wrappers (DataParallel, DistributedDataParallel, ``torch.compile``) are looked through so names
 carry no ``module.`` or ``_orig_mod.`` prefix.
+
+Room: the step recorder. It may touch: no other module.
 """
 
 from __future__ import annotations

@@ -2,7 +2,9 @@
 ``observe_loss``, or else the roots of its backwards.
 
 Device tensors stay on the device (no sync); Python numbers, and where the statistics live on the CPU the roots
-too, are kept as floats. It may touch torch only.
+too, are kept as floats.
+
+Room: the step recorder. It may touch: ``stats``.
 """
 
 from __future__ import annotations

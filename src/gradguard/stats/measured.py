@@ -1,7 +1,9 @@
 """What one step's measurement and one host read carry between the step recorder and the judge (plain data).
 
 A step's ``Measured`` holds device tensors, or, where the statistics live on the CPU, values already on the host
-(reading a CPU tensor is a memory load, not a sync). It may touch nothing but torch and NumPy.
+(reading a CPU tensor is a memory load, not a sync).
+
+Room: the step recorder. It may touch: no other module.
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ Nothing here reads a value back from an accelerator: every function returns devi
 ``LayerNorms.host_with_total``, which is only used when the statistics live on the CPU (reading them is a memory
 load there, not a sync) and folds the per-tensor norms in Python: a torch operator on a few numbers costs 2-7 us
 of dispatch, and a tiny model pays that on every step.
+
+Room: the step recorder. It may touch: ``stats``.
 """
 
 from __future__ import annotations

@@ -6,6 +6,8 @@ deep copy would be a second, silent watcher judging the EMA weights as the train
 hook on a module, the module gets its own ``__getstate__`` (an instance attribute, found before the class's
 method), which returns the module's state without gradguard's hooks and without itself. Once gradguard's last
 hook on the module is removed, the attribute goes too and the module is exactly as it was.
+
+Room: the step recorder. It may touch: no other module.
 """
 
 from __future__ import annotations

@@ -4,8 +4,10 @@ It owns what is measured per optimizer step (per-layer gradient norms in one fus
 observed loss, GradScaler's overflow flag), the costlier samples taken every ``sample_every`` steps (weight norms,
 update norms, activation and time-step statistics) and the one host read that moves them all to the host every
 ``log_every`` steps (``read()``). Nothing here reads a device value in the per-step path, and nothing here judges:
-the rows go to ``detect.judge``. It may touch: ``stats`` (norms, layers, activations, distributed). It is told the
-clipped norm by the repairer (``commit``) but never imports it.
+the rows go to ``detect.judge``. It is told the clipped norm by the repairer (``commit``),
+without importing it.
+
+Room: the step recorder. It may touch: ``stats``.
 """
 
 from __future__ import annotations

@@ -12,6 +12,8 @@
 
 The wrappers are installed while at least one Guard listens and removed with the last one. Each listener is told
 through a small protocol (``Listener``); a listener's failure never reaches the script (it handles its own).
+
+Room: the step recorder. It may touch: no other module.
 """
 
 from __future__ import annotations

@@ -6,6 +6,8 @@ to the host (a sync) on purpose: they run once, off the per-step path, to answer
 Buffers (BatchNorm running statistics, non-persistent ones too) and the RNG are restored afterwards. What cannot be
 restored is the user's own Python state: a forward that counts its calls, or forward hooks with side effects, sees
 one more call (documented in the README).
+
+Room: the step recorder. It may touch: no other module.
 """
 
 from __future__ import annotations
