@@ -212,3 +212,85 @@ def test_a_stalled_loss_that_fell_a_little_says_it_improved() -> None:
     gain = 100 * (first - last) / first
     assert gain < 2  # below the 2% a window needs to count as learning
     assert percent_in(v.diagnosis.message, "improved") == pytest.approx(gain, rel=0.05)
+
+
+def regression(lr: float, seed: int, steps: int = 300):
+    """pytorch/examples' polynomial regression as written there: hand-written SGD on ``param.data``, no optimizer
+    (the Guard counts a step per backward), smooth L1 loss; the loop's own losses beside the diagnoses."""
+    torch.manual_seed(seed)
+    w_target, b_target = torch.randn(4, 1) * 5, torch.randn(1) * 5
+    fc = nn.Linear(4, 1)
+    guard = gg.Guard(fc, None, console=False)
+    losses = []
+    for _ in range(steps):
+        x = torch.randn(32).unsqueeze(1)
+        x = torch.cat([x ** i for i in range(1, 5)], 1)
+        out = nn.functional.smooth_l1_loss(fc(x), x.mm(w_target) + b_target.item())
+        losses.append(out.item())
+        fc.zero_grad()
+        out.backward()
+        for p in fc.parameters():
+            p.data.add_(-lr * p.grad)
+    found = guard.diagnoses
+    guard.close()
+    return found, losses
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_run_that_never_recovers_from_early_divergence_is_not_called_stalled_after_it(seed: int) -> None:
+    # lr 100x the example's 0.1: the loss jumps within the first steps and never comes back to its first value.
+    # Before, once the divergence's cooldown passed, `stalled` was raised again and again, saying that exploding
+    # gradients had been ruled out.
+    found, losses = regression(10.0, seed)
+    assert np.mean(losses[-100:]) > losses[0]  # the loop's own numbers: the run never recovered
+    assert {d.kind for d in found} == {"exploding"}  # a later spike may be reported too (it is one)
+    assert "first steps" in found[0].message and found[0].step < EARLY_STEPS
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_the_regression_at_its_own_learning_rate_raises_nothing(seed: int) -> None:
+    found, losses = regression(0.1, seed)
+    assert np.median(losses[-100:]) < 0.1 * losses[0]  # it fits the polynomial (x^4 features: heavy-tailed batches)
+    assert found == []
+
+
+def _diverged_then(after: np.ndarray):
+    """A history whose loss starts at 1.0, diverges early (12, 15: the early rule fires at step 2), then follows
+    ``after``; healthy constant gradients in three layers. Returns the history and the early verdict."""
+    from gradguard.detect.early import detect_early_divergence
+    from gradguard.detect.history import History
+
+    losses = np.concatenate([[1.0, 12.0, 15.0], after])
+    n = len(losses)
+    grads = np.ones((n, 3))
+    h = History(["l0", "l1", "l2"], np.full(3, 100.0), np.zeros(3, dtype=bool))
+    h.append(np.arange(3), np.sqrt((grads[:3] ** 2).sum(1)), losses[:3], np.ones(3, dtype=bool), grads[:3])
+    early = detect_early_divergence(h, range(3))
+    h.append(np.arange(3, n), np.sqrt((grads[3:] ** 2).sum(1)), losses[3:], np.ones(n - 3, dtype=bool), grads[3:])
+    return h, early
+
+
+def test_early_divergence_marks_the_loss_to_come_back_to_and_a_stall_above_it_is_its_damage() -> None:
+    from gradguard.detect.history import Thresholds, explained_by_explosion
+    from gradguard.detect.stalled import detect_stalled
+
+    rng = np.random.default_rng(0)
+    h, early = _diverged_then(13.0 + rng.normal(0, 1, 200))  # stuck far above the first loss
+    assert early is not None and early.diagnosis.step == 2
+    assert h.exploded == (2, 1.0)  # the step, and the loss at initialisation
+    assert explained_by_explosion(h, Thresholds()) is not None
+    assert detect_stalled(h, Thresholds(), set()) is None
+    h.exploded = None  # the same losses with no explosion on record: a stall, as before
+    assert detect_stalled(h, Thresholds(), set()) is not None
+
+
+def test_a_stall_after_the_loss_came_back_from_early_divergence_is_still_reported() -> None:
+    from gradguard.detect.history import Thresholds, explained_by_explosion
+    from gradguard.detect.stalled import detect_stalled
+
+    rng = np.random.default_rng(0)
+    h, early = _diverged_then(1.0 + rng.normal(0, 0.01, 200))  # back at the first loss, and flat there
+    assert early is not None and h.exploded == (2, 1.0)
+    assert explained_by_explosion(h, Thresholds()) is None
+    v = detect_stalled(h, Thresholds(), set())
+    assert v is not None and "Ruled out:" in v.diagnosis.message

@@ -87,6 +87,11 @@ def detect_early_divergence(h: History, rows: range) -> Verdict | None:
         if first_loss is not None:
             ev.update(first_loss=first_loss[1], loss=loss, loss_ratio=loss_ratio if loss_ratio is not None
                       else float("nan"))
+            if first_loss[0] < step:
+                # The level to come back to is the loss at initialisation: while the loss stays above it, the run
+                # has not recovered, and a stall then is this divergence's damage (``explained_by_explosion``), not
+                # a new condition that would say the explosion was ruled out.
+                h.mark_exploded(step, first_loss[1])
         return Verdict(("exploding", "early"), ("early",),
                        Diagnosis("exploding", "error", step, layers, msg, ev, list(REMEDIES)))
     return None

@@ -39,7 +39,7 @@ import numpy as np
 
 from ..types import Diagnosis
 from .flow import layer_flow, update_ratios
-from .history import BASELINE_STEPS, History, Thresholds, loss_stalled, nanmedian
+from .history import BASELINE_STEPS, History, Thresholds, explained_by_explosion, loss_stalled, nanmedian
 from .reporter import Verdict
 
 # Kinds whose activity explains a stalled loss already: their diagnosis says why, this one would only repeat it.
@@ -192,6 +192,11 @@ def detect_stalled(h: History, t: Thresholds, active: set[str]) -> Verdict | Non
     """
     start_level(h, t)  # measured as soon as its losses exist, whatever is decided below
     if active & set(EXPLAINING) or len(h.steps) < t.window:
+        return None
+    if explained_by_explosion(h, t) is not None:
+        # The loss stays above its level before a reported explosion (an early divergence, a damaging spike) once
+        # that report's cooldown has passed: the stall is the explosion's damage, said already, not a new condition
+        # whose "ruled out: exploding" would contradict it.
         return None
     stalled, prog = loss_stalled(h, t)
     if not stalled or prog is None or not h.first_losses:
