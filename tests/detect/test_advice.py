@@ -269,3 +269,47 @@ def test_a_clip_seen_cutting_a_step_counts_as_clipping_on() -> None:
     dead = advise(diag("dead_units", 150, units.DEAD_REMEDIES, ["3", "2"]), ModelFacts(activations=True), [first_])
     assert dead.remedies[0] == ("these units died after the explosion at step 53: fix the explosion first (lower the "
                                 "learning rate)")
+
+
+def test_residual_blocks_are_read_and_post_norm_transformers_are_told_to_put_the_norm_first() -> None:
+    # pytorch/examples' word LM: nn.TransformerEncoder with its default post-norm layers (norm_first=False). Its
+    # layers add their input back and normalise: "add normalisation or residual connections" fits nothing there.
+    post = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32), 2, enable_nested_tensor=False)
+    f = model_facts(post, repair=False, clip=None)
+    assert f.residual == ("TransformerEncoderLayer",) and f.post_norm and f.norms == ("LayerNorm",)
+    d = advise(diag("vanishing", 100, vanishing.REMEDIES_DEPTH), f)
+    assert not any("add residual" in r or "add normalisation" in r for r in d.remedies)
+    assert any("norm_first=True" in r for r in d.remedies)
+    # Pre-norm layers: residual and normalised already, nothing of that remedy is left to say.
+    pre = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, norm_first=True), 2, enable_nested_tensor=False)
+    f = model_facts(pre, repair=False, clip=None)
+    assert f.residual == ("TransformerEncoderLayer",) and not f.post_norm
+    d = advise(diag("vanishing", 100, vanishing.REMEDIES_DEPTH), f)
+    assert not any("residual" in r or "normalis" in r or "norm_first" in r for r in d.remedies)
+    assert d.remedies  # the initialisation remedy stays
+
+
+def test_residual_blocks_without_normalisation_are_told_to_normalise_inside_them() -> None:
+    class ResidualBlock(nn.Module):  # a user's own block, known by its name
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + torch.relu(self.fc(x))
+
+    net = nn.Sequential(nn.Linear(4, 8), ResidualBlock(), ResidualBlock(), nn.Linear(8, 2))
+    f = model_facts(net, repair=False, clip=None)
+    assert f.residual == ("ResidualBlock",) and not f.post_norm and f.norms == ()
+    d = advise(diag("vanishing", 100, vanishing.REMEDIES_DEPTH), f)
+    assert d.remedies[-1].startswith("add normalisation (LayerNorm/BatchNorm) inside each residual block")
+    assert "ResidualBlock" in d.remedies[-1]
+    # Plain blocks and names that merely contain "Res" are no residual blocks.
+    assert model_facts(nn.Sequential(nn.Linear(4, 4), nn.ReLU()), False, None).residual == ()
+
+
+def test_transformers_blocks_are_residual() -> None:
+    transformers = __import__("pytest").importorskip("transformers")
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50, n_positions=16)
+    f = model_facts(transformers.GPT2LMHeadModel(cfg), repair=False, clip=None)
+    assert f.residual == ("GPT2Block",) and not f.post_norm

@@ -3,8 +3,9 @@
 The detectors attach generic remedies (``REMEDIES`` of each detector module). This module rewrites them with what
 the Guard knows about the model and about itself, collected once at attach (``model_facts``), never per step:
 
-- the activation, recurrent and normalisation module types present: a ReLU net is not told to drop sigmoid for
-  ReLU, an LSTM is not told to use a gated recurrent layer, a model with LayerNorm is not told to add normalisation;
+- the activation, recurrent, normalisation and residual module types present: a ReLU net is not told to drop
+  sigmoid for ReLU, an LSTM is not told to use a gated recurrent layer, a model with LayerNorm is not told to add
+  normalisation, nor one with residual blocks to add them (a Post-LN Transformer is told to put the norm first);
 - the Guard options in force: with ``repair="auto"`` on, no remedy says to turn it on; with ``clip=`` set, no
   remedy says to start clipping; without an optimizer (a loop that updates its weights itself) no remedy offers
   ``repair="auto"``, which acts on optimizer steps;
@@ -58,6 +59,8 @@ class ModelFacts:
         clip: the clipping gradguard applies (``clip=``), as text, or None.
         optimizer: a torch.optim optimizer steps the weights (False: the loop updates them itself; repair, which
             skips, backs off and rolls back optimizer steps, cannot act).
+        residual: class names of the modules known to add their input back to their output (``_residual``).
+        post_norm: a torch Transformer layer normalises after its residual addition (``norm_first=False``).
     """
 
     saturating: tuple[str, ...] = ()
@@ -67,6 +70,8 @@ class ModelFacts:
     repair: bool = False
     clip: str | None = None
     optimizer: bool = True
+    residual: tuple[str, ...] = ()
+    post_norm: bool = False
 
 
 def model_facts(model: nn.Module, repair: bool, clip: object | None, optimizer: bool = True) -> ModelFacts:
@@ -83,8 +88,12 @@ def model_facts(model: nn.Module, repair: bool, clip: object | None, optimizer: 
     sat: dict[str, None] = {}
     norms: dict[str, None] = {}
     recurrent: dict[str, str] = {}
-    acts = False
+    residual: dict[str, None] = {}
+    acts, post_norm = False, False
     for name, m in model.named_modules():
+        if _residual(m):
+            residual[type(m).__name__] = None
+            post_norm = post_norm or getattr(m, "norm_first", None) is False
         if isinstance(m, nn.RNNBase):
             recurrent[name] = str(m.mode)
         elif isinstance(m, NORMS):
@@ -102,7 +111,23 @@ def model_facts(model: nn.Module, repair: bool, clip: object | None, optimizer: 
                 sat[getattr(held, "__name__", type(held).__name__)] = None
             acts = acts or kind is not None
     clip_text = None if clip is None else (str(clip) if isinstance(clip, (int, float, str)) else type(clip).__name__)
-    return ModelFacts(tuple(sat), acts, recurrent, tuple(norms), bool(repair), clip_text, bool(optimizer))
+    return ModelFacts(tuple(sat), acts, recurrent, tuple(norms), bool(repair), clip_text, bool(optimizer),
+                      tuple(residual), post_norm)
+
+
+def _residual(m: nn.Module) -> bool:
+    """Whether ``m`` is known to add its input back to its output (a residual block): torch's Transformer layers;
+    transformers' decoder and encoder layers and blocks (GPT2Block, BertLayer, LlamaDecoderLayer; not a mixture
+    of experts' block, which is a layer's MLP); torchvision's and timm's ResNet and ViT blocks; any class whose name
+    says so (ResidualBlock, ResBlock). Read from types only: nothing here runs the model."""
+    if isinstance(m, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
+        return True
+    name, home = type(m).__name__, type(m).__module__
+    if "Residual" in name or "ResBlock" in name:
+        return True
+    if home.startswith("transformers.models."):
+        return name.endswith(("Block", "Layer")) and not any(w in name for w in ("Moe", "MoE", "Sparse", "Norm"))
+    return home.startswith(("torchvision.models.", "timm.models.")) and name in ("BasicBlock", "Bottleneck", "Block")
 
 
 HELD = ("activation", "act", "act_fn", "activation_fn", "nonlinearity")  # where a module keeps its activation
@@ -165,8 +190,8 @@ def _rewrite(remedy: str, d: Diagnosis, f: ModelFacts, clip: str | None) -> str 
         if f.saturating:
             return remedy.replace("sigmoid/tanh", f"the model's {'/'.join(f.saturating)}")
         return None if f.activations else remedy  # ReLU-family already; unknown when no activation module is seen
-    if remedy == vanishing.REMEDIES_DEPTH[2] and f.norms:  # "add normalisation (BatchNorm/LayerNorm) or ..."
-        return f"add residual connections (the model already normalises, with {'/'.join(f.norms)})"
+    if remedy == vanishing.REMEDIES_DEPTH[2]:  # "add normalisation (BatchNorm/LayerNorm) or residual connections"
+        return _depth_structure(remedy, f)
     if remedy in vanishing.REMEDIES_TIME[:2]:
         name = d.layers[0] if d.layers else ""
         cell = f.recurrent.get(name) or (next(iter(set(f.recurrent.values()))) if len(set(f.recurrent.values()))
@@ -196,6 +221,28 @@ def _rewrite(remedy: str, d: Diagnosis, f: ModelFacts, clip: str | None) -> str 
         return None if f.repair or not f.optimizer else remedy  # on already, or nothing for it to act on
     if remedy == nonfinite.REMEDIES[1] and clip is not None:  # "lower the lr, or clip gradients"
         return f"lower the learning rate (the gradients are already clipped, {clip})"
+    return remedy
+
+
+def _depth_structure(remedy: str, f: ModelFacts) -> str | None:
+    """The "add normalisation or residual connections" remedy for what the model has of either.
+
+    References:
+        Xiong et al., "On Layer Normalization in the Transformer Architecture", ICML 2020 (with the normalisation
+        after the residual addition, Post-LN, the layers far from the output receive smaller gradients; Pre-LN
+        keeps them level).
+    """
+    if f.post_norm:
+        return ("put each Transformer layer's normalisation before its sublayer (norm_first=True, Pre-LN: with "
+                "Post-LN the layers far from the output get smaller gradients, Xiong et al. 2020) or warm the "
+                "learning rate up")
+    if f.residual and f.norms:
+        return None  # residual and normalised already: this remedy has nothing left to offer
+    if f.residual:
+        return (f"add normalisation (LayerNorm/BatchNorm) inside each residual block (the model has residual "
+                f"connections already, in {'/'.join(f.residual)})")
+    if f.norms:
+        return f"add residual connections (the model already normalises, with {'/'.join(f.norms)})"
     return remedy
 
 
