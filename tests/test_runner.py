@@ -23,7 +23,8 @@ def test_script_runs_as_itself_and_is_watched(tmp_path) -> None:
     assert [e["kind"] for e in events] == ["vanishing"] and events[0]["layers"][0] in ("0", "2")
     meta = json.loads((tmp_path / "r" / "meta.json").read_text())
     assert meta["model"] == "Sequential" and meta["optimizer"] == "SGD" and meta["options"]["log_every"] == 5
-    assert "step 99 warning: vanishing" in out.stderr and "watched Sequential + SGD" in out.stderr
+    assert "step 99 warning: vanishing" in out.stderr
+    assert "watched Sequential + SGD; 1 diagnosis: vanishing;" in out.stderr
 
 
 def test_crash_shows_the_traceback_as_python_would(tmp_path) -> None:
@@ -33,6 +34,10 @@ def test_crash_shows_the_traceback_as_python_would(tmp_path) -> None:
     tail = "\n".join(plain.stderr.strip().splitlines()[-3:])  # the script's own frame and the error
     assert tail in out.stderr
     assert (tmp_path / "r" / "stats.jsonl").read_text()  # logs flushed before exiting
+    # After the traceback, one line of gradguard's: what it watched and found (events.jsonl has the same count).
+    found = len((tmp_path / "r" / "events.jsonl").read_text().splitlines())
+    said = "no diagnosis" if found == 0 else f"{found} diagnos{'is' if found == 1 else 'es'}"
+    assert out.stderr.strip().splitlines()[-1].startswith(f"[gradguard] watched Sequential + SGD; {said}")
 
 
 def test_command_errors(tmp_path) -> None:

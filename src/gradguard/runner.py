@@ -377,7 +377,8 @@ def _summary(watcher: Watcher, shown: Path) -> str:
     kinds = sorted({d.kind for d in diagnoses})
     watched = ", ".join(f"{type(unwrap(m)).__name__}{' (compiled)' if is_compiled(m) else ''} + {_name(o)}"
                         for _, m, o in watcher.watched)
-    found = f"{len(diagnoses)} diagnosis(es)" + (f": {', '.join(kinds)}" if kinds else "")
+    n = len(diagnoses)
+    found = "no diagnosis" if not n else f"{n} diagnos{'is' if n == 1 else 'es'}: {', '.join(kinds)}"
     counts: dict[str, int] = {}
     for g in watcher.guards:
         for kind, n in g.action_counts.items():
