@@ -127,3 +127,24 @@ def test_report_renders_in_headless_chromium(tmp_path) -> None:
     assert (pixels[..., :3].mean(axis=2) < 0.5).mean() > 0.005  # some dark ink
     console = [ln for ln in proc.stderr.splitlines() if "CONSOLE" in ln or "Uncaught" in ln]
     assert console == []
+
+
+def test_a_loop_without_an_optimizer_reads_as_one_and_a_single_layer_is_singular(tmp_path) -> None:
+    torch.manual_seed(0)
+    fc = nn.Linear(4, 1)
+    with gg.Guard(fc, None, console=False, log_dir=tmp_path / "run"):
+        for _ in range(20):
+            loss = fc(torch.randn(8, 4)).pow(2).mean()
+            fc.zero_grad()
+            loss.backward()
+            with torch.no_grad():
+                for p in fc.parameters():
+                    p -= 0.01 * p.grad
+    page = write_report(tmp_path / "run").read_text()
+    assert "<dt>optimizer</dt><dd>none (the loop updates its weights itself)</dd>" in page
+    assert "Linear (1 layer with parameters)" in page
+    # A meta.json without the optimizer field (written by hand, or cut) says it does not know.
+    meta = json.loads((tmp_path / "run" / "meta.json").read_text())
+    del meta["optimizer"]
+    (tmp_path / "run" / "meta.json").write_text(json.dumps(meta))
+    assert "<dt>optimizer</dt><dd>unknown</dd>" in write_report(tmp_path / "run").read_text()

@@ -158,12 +158,16 @@ def render(run: Run) -> str:
         diagnoses = "<p>None.</p>"
     fixed, _ = clip_threshold(run)
     versions = ", ".join(f"{k} {as_text(meta.get(k))}" for k in ("gradguard", "torch", "python") if k in meta)
+    layers = f"{len(run.layers)} layer{'' if len(run.layers) == 1 else 's'} with parameters"
+    # null is what a Guard without an optimizer writes (a hand-written update); a missing key is not known
+    optimizer = ("none (the loop updates its weights itself)" if "optimizer" in meta and meta["optimizer"] is None
+                 else as_text(meta.get("optimizer")))
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>gradguard report: {esc(as_text(meta.get('model')))}</title>
 <style>{STYLE}</style></head><body>
 <h1>gradguard report</h1>
-<dl><dt>model</dt><dd>{esc(as_text(meta.get('model')))} ({len(run.layers)} layers with parameters)</dd>
-<dt>optimizer</dt><dd>{esc(as_text(meta.get('optimizer')))}</dd>
+<dl><dt>model</dt><dd>{esc(as_text(meta.get('model')))} ({layers})</dd>
+<dt>optimizer</dt><dd>{esc(optimizer)}</dd>
 <dt>steps</dt><dd>{steps:,}</dd>
 <dt>started</dt><dd>{esc(as_text(meta.get('started')))}</dd>
 <dt>versions</dt><dd>{esc(versions or 'unknown')}</dd>
