@@ -175,9 +175,8 @@ class Wiring:
             self._order_handles.clear()
             self.recorder.reorder(self._order)
         m = self.recorder.measure(self.optimizer, found_inf)
-        # Host read, only when immediate: on the CPU two floats read from memory (20x cheaper than three tiny
-        # tensor ops), on an accelerator only with nonfinite_check="step" (the documented one sync per step), of
-        # the sum (finite unless a term is not; float32 overflow of two values > 1.7e38 is re-read below).
+        # Host read, only when immediate: on the CPU two floats from memory (20x cheaper than three tiny tensor ops),
+        # on an accelerator with nonfinite_check="step" (one sync per step), of the sum (overflow is re-read below).
         bad = self.immediate and not (math.isfinite(m.total + m.loss) if m.host
                                       else math.isfinite(m.total.item() + m.loss.item()) if self._stats_on_cpu
                                       else bool(_finite(m.total + m.loss)))
@@ -246,8 +245,7 @@ class Wiring:
         if self.failed:
             return
         try:
-            # A record whose step never came (the scaler skipped it) is dropped at the read by its flag; the new
-            # one replaces it, under the same step number.
+            # A record whose step the scaler skipped is dropped at the read by its flag; this one takes its step.
             self.modes.judge_eval_in_training()
             self.record_step(snapshot=True, found_inf=found_inf)
             self.external = True
@@ -362,6 +360,8 @@ class Wiring:
                     self.internal_failure(e)
             self.recorder.settle()
             self.drain_safely(full=True)
+            if not self.failed:
+                self.judge.closing_remarks(self.outputs.note)
         finally:
             self.closed = True
             self.remove_hooks()

@@ -7,6 +7,10 @@ with no signal cannot be learned; a healthy digits run learns). Several seeds ea
 
 from __future__ import annotations
 
+import io
+import json
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
@@ -214,13 +218,13 @@ def test_a_stalled_loss_that_fell_a_little_says_it_improved() -> None:
     assert percent_in(v.diagnosis.message, "improved") == pytest.approx(gain, rel=0.05)
 
 
-def regression(lr: float, seed: int, steps: int = 300):
+def regression(lr: float, seed: int, steps: int = 300, **options: Any):
     """pytorch/examples' polynomial regression as written there: hand-written SGD on ``param.data``, no optimizer
     (the Guard counts a step per backward), smooth L1 loss; the loop's own losses beside the diagnoses."""
     torch.manual_seed(seed)
     w_target, b_target = torch.randn(4, 1) * 5, torch.randn(1) * 5
     fc = nn.Linear(4, 1)
-    guard = gg.Guard(fc, None, console=False)
+    guard = gg.Guard(fc, None, **{"console": False, **options})
     losses = []
     for _ in range(steps):
         x = torch.randn(32).unsqueeze(1)
@@ -294,3 +298,41 @@ def test_a_stall_after_the_loss_came_back_from_early_divergence_is_still_reporte
     assert explained_by_explosion(h, Thresholds()) is None
     v = detect_stalled(h, Thresholds(), set())
     assert v is not None and "Ruled out:" in v.diagnosis.message
+
+
+class Collect:
+    """A user's sink: keeps every record it is given."""
+
+    def __init__(self) -> None:
+        self.records: list[dict[str, Any]] = []
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_run_that_ends_without_recovering_from_its_explosion_says_so_once_at_close(tmp_path) -> None:
+    out, mine = io.StringIO(), Collect()
+    found, losses = regression(10.0, 0, console=out, log_dir=tmp_path / "run", sinks=[mine])
+    explosion = found[0].step
+    # The oracle, from the loop's own losses: the last window's steps after the explosion, against step 0's loss.
+    after = losses[-100:]
+    lines = out.getvalue().splitlines()
+    note = [x for x in lines if x.startswith("[gradguard] step 299: The loss never came back")]
+    assert len(note) == 1
+    assert note[0] == (f"[gradguard] step 299: The loss never came back from the explosion at step {explosion}: it "
+                       f"averaged {np.mean(after):.4g} over the last 100 steps, against {losses[0]:.4g} before it.")
+    assert lines.index(note[0]) < len(lines) - 1 and lines[-1].startswith("[gradguard] summary:")  # before it
+    events = [json.loads(x) for x in (tmp_path / "run" / "events.jsonl").read_text().splitlines()]
+    assert [(e["type"], e["kind"], e["step"]) for e in events if e["type"] == "note"] == [
+        ("note", "not_recovered", 299)]
+    assert all(r["type"] != "note" for r in mine.records)  # a user's sink takes what its contract lists
+
+
+def test_a_healthy_run_says_nothing_at_close() -> None:
+    out = io.StringIO()
+    found, losses = regression(0.1, 0, console=out)
+    assert found == [] and np.median(losses[-100:]) < 0.1 * losses[0]
+    assert out.getvalue() == ""  # no diagnosis, no note, no summary

@@ -11,6 +11,7 @@ Room: the judge. It may touch: ``detect``, ``stats.layers``, ``stats.measured``,
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -24,7 +25,7 @@ from ..types import Diagnosis
 from .advice import ModelFacts, advise
 from .early import detect_early_divergence
 from .exploding import detect_exploding_step, detect_exploding_window, detect_spike_damage, step_candidates
-from .history import History, Thresholds
+from .history import History, Thresholds, explained_by_explosion
 from .nonfinite import detect_nonfinite
 from .reporter import Reporter, Verdict
 from .stalled import detect_stalled
@@ -155,6 +156,30 @@ class Judge:
         if not len(h.steps) or self._window_at == int(h.steps[-1]):
             return []
         return self.detect(h, 0, {}, full=True)
+
+    def closing_remarks(self, note: Callable[[str, int, str], None]) -> None:
+        """At the end of the run, say once whether its loss never came back from a reported explosion.
+
+        While it has not, later stalls and vanishing are that explosion's damage and stay unreported
+        (``explained_by_explosion``): without this line a run that ends broken would end on the explosion's report
+        alone, as if it had recovered. Host NumPy only; a remark, so nothing here may fail the close.
+
+        Args:
+            note: ``(kind, step, message)`` to the console and the run directory (``Outputs.note``).
+        """
+        h = self.history
+        try:
+            gone = explained_by_explosion(h, self.thresholds) if h is not None and len(h.steps) else None
+            if gone is None or h is None:
+                return
+            when, before, now = gone
+            recent = h.steps[-self.thresholds.window:]
+            n = int((recent > when).sum())  # the steps the mean is over (explained_by_explosion's own)
+            note("not_recovered", int(h.steps[-1]),
+                 f"The loss never came back from the explosion at step {when}: it averaged {now:.4g} over the "
+                 f"last {n} steps, against {before:.4g} before it.")
+        except Exception:  # noqa: S110 - words at close; the diagnoses and the files are written already
+            pass
 
     def active_kinds(self, step: int) -> set[str]:
         """Kinds with a condition seen within the reporter's cooldown before ``step``."""

@@ -96,6 +96,12 @@ class Outputs:
         for sink in list(self.sinks):
             self._write(sink, action.to_dict())
 
+    def note(self, kind: str, step: int, message: str) -> None:
+        """Something gradguard says once about the run, to the console and events.jsonl only (``{"type": "note",
+        "kind", "step", "message"}``; the user's sinks take diagnoses, actions and statistics, as documented)."""
+        for sink in list(self.sinks[:self._own]):
+            self._write(sink, {"type": "note", "kind": kind, "step": step, "message": message})
+
     def stats(self, h: History, rows: np.ndarray, script_max_norm: float | None = None) -> None:
         """One statistics record for the rows of this read (``script_max_norm``: the script's own clip)."""
         console = self.console

@@ -13,7 +13,9 @@ Run directory layout (``Guard(log_dir=...)``), schema version 1:
   {"step", "early", "late", "time_steps"}}``: the gradient reaching one time step of the input, mean L2 norm over
   the first and the last 10% of its time steps. Non-finite numbers are written as the strings "nan", "inf", "-inf".
 - ``events.jsonl``: one object per diagnosis or action, in the order found: ``{"type": "diagnosis"|"action",
-  "kind", "step", ...}`` with the fields of ``gradguard.Diagnosis`` / ``gradguard.Action``.
+  "kind", "step", ...}`` with the fields of ``gradguard.Diagnosis`` / ``gradguard.Action``; and what gradguard
+  says once about the run: ``{"type": "note", "kind", "step", "message"}`` (``not_recovered`` at close: the loss
+  never came back from a reported explosion; ``repair_unavailable`` from ``gradguard run --repair``).
 
 Every line is flushed as it is written, so a killed process leaves a readable log. ``gradguard.report.load`` reads
 it back, skipping (and listing) any line a crash, a resumed run or a hand edit left unusable.
@@ -175,6 +177,8 @@ class ConsoleSink:
             self._action(record)
         elif record.get("type") == "diagnosis":
             self._diagnosis(record)
+        elif record.get("type") == "note":
+            self._print(f"[gradguard] step {record.get('step')}: {record.get('message')}", "yellow")
 
     def _action(self, record: dict[str, Any]) -> None:
         kind = str(record.get("kind"))
