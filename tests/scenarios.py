@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -12,6 +13,19 @@ from torch import nn
 
 import gradguard as gg
 from gradguard.demo import Recurrent, adding_batch, digits, kaiming, mlp  # noqa: F401 - shared with the tests
+
+
+class ListSink:
+    """A user's sink (``Guard(sinks=[...])``): keeps every record it is given, in order."""
+
+    def __init__(self) -> None:
+        self.records: list[dict[str, Any]] = []
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+
+    def close(self) -> None:
+        pass
 
 
 def lecun(lin: nn.Linear) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from scenarios import ListSink
 from torch import nn
 
 import gradguard as gg
@@ -300,21 +301,8 @@ def test_a_stall_after_the_loss_came_back_from_early_divergence_is_still_reporte
     assert v is not None and "Ruled out:" in v.diagnosis.message
 
 
-class Collect:
-    """A user's sink: keeps every record it is given."""
-
-    def __init__(self) -> None:
-        self.records: list[dict[str, Any]] = []
-
-    def write(self, record: dict[str, Any]) -> None:
-        self.records.append(record)
-
-    def close(self) -> None:
-        pass
-
-
 def test_a_run_that_ends_without_recovering_from_its_explosion_says_so_once_at_close(tmp_path) -> None:
-    out, mine = io.StringIO(), Collect()
+    out, mine = io.StringIO(), ListSink()
     found, losses = regression(10.0, 0, console=out, log_dir=tmp_path / "run", sinks=[mine])
     explosion = found[0].step
     # The oracle, from the loop's own losses: the last window's steps after the explosion, against step 0's loss.

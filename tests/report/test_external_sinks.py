@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+from scenarios import ListSink
 from torch import nn
 
 import gradguard as gg
@@ -40,17 +41,6 @@ def _layers(model: Net) -> dict[str, list[nn.Parameter]]:
 
 def _norm(ts: list[torch.Tensor]) -> float:
     return torch.linalg.vector_norm(torch.cat([t.detach().flatten() for t in ts])).item()
-
-
-class ListSink:
-    def __init__(self) -> None:
-        self.records: list[dict[str, Any]] = []
-
-    def write(self, record: dict[str, Any]) -> None:
-        self.records.append(record)
-
-    def close(self) -> None:
-        pass
 
 
 def _train(sink: Any, steps: int = STEPS, nan_at: int | None = NAN_AT, log_step: Any = None,
