@@ -324,3 +324,41 @@ def test_a_healthy_run_says_nothing_at_close() -> None:
     found, losses = regression(0.1, 0, console=out)
     assert found == [] and np.median(losses[-100:]) < 0.1 * losses[0]
     assert out.getvalue() == ""  # no diagnosis, no note, no summary
+
+
+def far_too_high(seed: int, steps: int = 20, **options: Any) -> tuple[list[gg.Diagnosis], list[float], gg.Guard]:
+    """A ReLU MLP under SGD with momentum at lr 20 (about 1000x a healthy rate): the loss is thrown up by the third
+    step, so the early rule and the per-step growth rule both see it."""
+    torch.manual_seed(seed)
+    m = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    opt = torch.optim.SGD(m.parameters(), lr=20.0, momentum=0.9)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(4096, 16, generator=gen)
+    y = (x @ torch.randn(16, 10, generator=gen)).argmax(1)
+    guard = gg.Guard(m, opt, **{"console": False, **options})
+    losses = []
+    for _ in range(steps):
+        idx = torch.randint(0, 4096, (64,), generator=gen)
+        loss = nn.functional.cross_entropy(m(x[idx]), y[idx])
+        losses.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    found = guard.diagnoses
+    guard.close()
+    return found, losses, guard
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_divergence_two_rules_see_in_the_first_steps_is_reported_once(seed: int) -> None:
+    found, losses, _ = far_too_high(seed)
+    assert max(losses[:EARLY_STEPS]) > LOSS_RISE * losses[0]  # the loop's own numbers: it diverged at once
+    first = [d for d in found if d.kind == "exploding" and d.step < EARLY_STEPS]
+    assert len(first) == 1 and "first steps" in first[0].message
+    assert first[0].evidence["first_loss"] == pytest.approx(losses[0], rel=1e-5)
+
+
+def test_the_ladder_still_hears_both_rules_of_one_early_event() -> None:
+    # repair="auto" rolls back to the state at attach on an early divergence (its "early" key), silent or not.
+    _, _, guard = far_too_high(0, steps=12, repair="auto")
+    assert [a.kind for a in guard.actions if a.kind == "rollback"] == ["rollback"]

@@ -23,7 +23,7 @@ from ..stats.recorder import CLIPPED, HEAD, LOSS, SCALER_INF, TOTAL
 from ..stats.sentinel import Origin
 from ..types import Diagnosis
 from .advice import ModelFacts, advise
-from .early import detect_early_divergence
+from .early import EARLY_STEPS, detect_early_divergence
 from .exploding import detect_exploding_step, detect_exploding_window, detect_spike_damage, step_candidates
 from .history import History, Thresholds, explained_by_explosion
 from .nonfinite import detect_nonfinite
@@ -125,7 +125,7 @@ class Judge:
         for r in step_candidates(h, range(len(h.steps) - n_rows, len(h.steps)), th):
             found.append(detect_nonfinite(h, r, origins.pop(int(h.steps[r]), None)))
             found.append(detect_exploding_step(h, r, th))
-        found.append(detect_early_divergence(h, range(len(h.steps) - n_rows, len(h.steps))))
+        found += self._one_early_event(found, detect_early_divergence(h, range(len(h.steps) - n_rows, len(h.steps))))
         found += detect_spike_damage(h, th)  # spikes of earlier rows, now that the loss after them is known
         # Once NaN/Inf reached the statistics, every other rule reads garbage (a NaN output looks like a dead
         # ReLU): window rules wait until the window is clean again.
@@ -150,6 +150,26 @@ class Judge:
                 active = self.active_kinds(int(h.steps[-1])) | {v.key[0] for v in found if v is not None and v.emit}
                 found.append(detect_stalled(h, th, active))
         return sorted((v for v in found if v is not None), key=lambda v: v.diagnosis.step)
+
+    def _one_early_event(self, found: list[Verdict | None], early: Verdict | None) -> list[Verdict | None]:
+        """An early divergence and a per-step exploding verdict (growth, spike) of the same first steps are one
+        event: a learning rate far too high read by two rules (lr x1000: "diverges from its first steps" and "the
+        norm is 253x its early level", both at step 3). The per-step verdict carries the early divergence's
+        diagnosis (its first loss and norm, its remedy), so the event is printed once; both conditions are active
+        in the reporter (neither is raised again within the cooldown), and the repair ladder still sees both keys.
+
+        Returns:
+            The early verdict to add to ``found`` (``found`` is changed in place).
+        """
+        if early is None:
+            return [None]
+        for i, v in enumerate(found):
+            if v is not None and v.emit and v.key[:2] in (("exploding", "growth"), ("exploding", "spike")) \
+                    and v.diagnosis.step < EARLY_STEPS:
+                found[i] = Verdict(v.key, v.signature, early.diagnosis)
+                self.reporter.active[early.key] = (early.signature, early.diagnosis.step)  # said through found[i]
+                return [Verdict(early.key, early.signature, early.diagnosis, emit=False)]
+        return [early]
 
     def catch_up(self, h: History) -> list[Verdict]:
         """The window rules on the newest step, if they have not judged it yet (nothing new to read)."""
