@@ -80,10 +80,16 @@ def train_random_labels(seed: int, steps: int = 300):
     x, y = torch.randn(20000, 20), torch.randint(0, 10, (20000,))  # no signal in the labels: nothing to learn
     opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
     guard = gg.Guard(m, opt, console=False)
-    gen = torch.Generator().manual_seed(seed)
+    return fit(guard, m, opt, x, y, 128, steps, torch.Generator().manual_seed(seed))
+
+
+def fit(guard: gg.Guard, m: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, batch: int,
+        steps: int, gen: torch.Generator) -> tuple[list[gg.Diagnosis], list[float]]:
+    """Train a classifier on random batches of (x, y) under ``guard``; its diagnoses (read, then closed) and the
+    loop's own losses."""
     losses = []
     for _ in range(steps):
-        idx = torch.randint(0, 20000, (128,), generator=gen)
+        idx = torch.randint(0, len(x), (batch,), generator=gen)
         loss = nn.functional.cross_entropy(m(x[idx]), y[idx])
         losses.append(loss.item())
         opt.zero_grad()
@@ -336,17 +342,7 @@ def far_too_high(seed: int, steps: int = 20, **options: Any) -> tuple[list[gg.Di
     x = torch.randn(4096, 16, generator=gen)
     y = (x @ torch.randn(16, 10, generator=gen)).argmax(1)
     guard = gg.Guard(m, opt, **{"console": False, **options})
-    losses = []
-    for _ in range(steps):
-        idx = torch.randint(0, 4096, (64,), generator=gen)
-        loss = nn.functional.cross_entropy(m(x[idx]), y[idx])
-        losses.append(loss.item())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    found = guard.diagnoses
-    guard.close()
-    return found, losses, guard
+    return (*fit(guard, m, opt, x, y, 64, steps, gen), guard)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
